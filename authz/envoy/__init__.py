@@ -1,0 +1,1 @@
+"""The only package that imports Envoy's protos (from ``xds-protos``, upb-backed)."""

@@ -1,0 +1,151 @@
+"""Envoy ext_authz messages <-> authz values. The one place Envoy responses are built.
+
+What Envoy does with each answer (see envoy/envoy.yaml):
+- ``ok_response``: the request goes upstream with ``headers`` set and
+  ``headers_to_remove`` stripped; ``response_headers_to_add`` land on the client's
+  response. ``dynamic_metadata`` is stored under ``envoy.filters.http.ext_authz`` and
+  forwarded to our ext_proc stream, which settles the reservation it names.
+- ``denied_response``: Envoy answers the client itself with our status, headers, body.
+- An exception in the servicer (could not decide) becomes a gRPC error; Envoy then
+  applies ``status_on_error`` (503 in our config) unless ``failure_mode_allow`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format, struct_pb2
+from google.rpc import status_pb2
+
+from authz.apis import Api
+from authz.decision import Decision, DenyReason
+from authz.enforcer import CheckInput, reset_header
+
+__all__ = ["UPSTREAM_PREFIX", "check_input", "check_response", "metadata_fields"]
+
+UPSTREAM_PREFIX = "x-authz-"  # headers we set upstream; clients can never set them
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_PARTIAL = "x-envoy-auth-partial-body"
+_JWT_NS = "envoy.filters.http.jwt_authn"
+
+# (OpenAI error type, Anthropic error type) per HTTP status we answer with.
+_ERROR_TYPES = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    401: ("invalid_request_error", "authentication_error"),
+    403: ("permission_denied", "permission_error"),
+    429: ("insufficient_quota", "rate_limit_error"),
+    503: ("service_unavailable", "overloaded_error"),
+}
+_OPENAI_CODES = {
+    DenyReason.UNAUTHENTICATED: "invalid_api_key",
+    DenyReason.BUDGET_EXHAUSTED: "insufficient_quota",
+}
+
+
+def check_input(req: authz_pb2.CheckRequest, payload_key: str) -> CheckInput:
+    http = req.attributes.request.http
+    headers = dict(http.headers)
+    body = http.raw_body if http.raw_body else (http.body.encode() if http.body else None)
+    payload: Mapping[str, Any] | None = None
+    ns = req.attributes.metadata_context.filter_metadata.get(_JWT_NS)
+    if ns is not None and payload_key in ns.fields:
+        value = ns.fields[payload_key]
+        if value.HasField("struct_value"):
+            payload = json_format.MessageToDict(value.struct_value)
+    return CheckInput(
+        method=http.method,
+        path=http.path,
+        headers=headers,
+        body=body,
+        body_truncated=headers.get(_PARTIAL) == "true",
+        envoy_jwt_payload=payload,
+    )
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def _quota_headers(d: Decision) -> list[base_pb2.HeaderValueOption]:
+    if d.quota is None:
+        return []
+    q = d.quota
+    return [
+        _header("x-ratelimit-limit-tokens", str(q.limit)),
+        _header("x-ratelimit-remaining-tokens", str(q.remaining)),
+        _header("x-ratelimit-reset-tokens", reset_header(q.reset_after_s)),
+    ]
+
+
+def metadata_fields(d: Decision) -> dict[str, Any]:
+    """What ext_proc (and access logs) see under envoy.filters.http.ext_authz."""
+    fields: dict[str, Any] = {"verdict": d.verdict.value}
+    if d.subject is not None:
+        fields["subject"] = str(d.subject)
+        fields["org"] = d.subject.org
+    if d.reason is not None:
+        fields["reason"] = d.reason.value
+    if d.model is not None:
+        fields["model"] = d.model
+    if d.api is not None:
+        fields["api"] = d.api.value
+    if d.reservation_id is not None:
+        fields["reservation_id"] = d.reservation_id
+        fields["input_estimate"] = d.input_estimate
+        fields["output_reserved"] = d.output_reserved
+        fields["stream"] = d.stream
+    return fields
+
+
+def _error_body(d: Decision) -> bytes:
+    openai_type, anthropic_type = _ERROR_TYPES.get(d.status, ("invalid_request_error", "api_error"))
+    if d.api is Api.ANTHROPIC_MESSAGES:
+        return json.dumps(
+            {"type": "error", "error": {"type": anthropic_type, "message": d.message}}
+        ).encode()
+    code = _OPENAI_CODES.get(d.reason, d.reason.value if d.reason else None) if d.reason else None
+    return json.dumps(
+        {"error": {"message": d.message, "type": openai_type, "code": code, "param": None}}
+    ).encode()
+
+
+def check_response(d: Decision, client_headers: Mapping[str, str]) -> authz_pb2.CheckResponse:
+    meta = struct_pb2.Struct()
+    meta.update(metadata_fields(d))
+    if d.allowed:
+        upstream = []
+        if d.subject is not None:
+            upstream.append(_header("x-authz-subject", str(d.subject)))
+        if d.reservation_id is not None:
+            upstream.append(_header("x-authz-reservation", d.reservation_id))
+        ours = {h.header.key for h in upstream}
+        # Anything else named like our headers was sent by the client: strip it.
+        strip = [k for k in client_headers if k.startswith(UPSTREAM_PREFIX) and k not in ours]
+        ok = authz_pb2.OkHttpResponse(
+            headers=upstream, headers_to_remove=strip, response_headers_to_add=_quota_headers(d)
+        )
+        return authz_pb2.CheckResponse(
+            status=status_pb2.Status(code=0), ok_response=ok, dynamic_metadata=meta
+        )
+    headers = [_header("content-type", "application/json"), *_quota_headers(d)]
+    headers.append(_header("x-authz-reason", d.reason.value if d.reason else "denied"))
+    if d.status == 429 and d.quota is not None:
+        headers.append(_header("retry-after", str(max(1, int(d.quota.reset_after_s + 0.999)))))
+        # A period budget will not come back by retrying now: tell the SDKs not to.
+        headers.append(_header("x-should-retry", "false"))
+    denied = authz_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=d.status),  # type: ignore[arg-type]
+        headers=headers,
+        body=_error_body(d).decode(),
+    )
+    # gRPC code 7 (PERMISSION_DENIED) marks the check as denied; the HTTP status is ours.
+    return authz_pb2.CheckResponse(
+        status=status_pb2.Status(code=7), denied_response=denied, dynamic_metadata=meta
+    )

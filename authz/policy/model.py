@@ -1,0 +1,217 @@
+"""The policy as frozen values: what the loader produces and everything else reads.
+
+Nothing here parses YAML or reads files; see :mod:`authz.policy.loader`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from authz.identity.settings import IdentitySettings
+from authz.usage.types import TokenUsage
+
+__all__ = [
+    "HIERARCHY",
+    "LEAF_LEVELS",
+    "Budget",
+    "LevelRule",
+    "ModelPolicy",
+    "ModelRule",
+    "Node",
+    "Period",
+    "Policy",
+    "RequestPolicy",
+    "ReservationPolicy",
+    "SubjectPath",
+    "SubjectRules",
+    "Weights",
+]
+
+# Levels above the leaf, in order; the leaf is a user or an app.
+HIERARCHY: tuple[str, ...] = ("org", "department", "team")
+LEAF_LEVELS: tuple[str, ...] = ("user", "app")
+LEVELS: tuple[str, ...] = HIERARCHY + LEAF_LEVELS
+Period = Literal["hour", "day", "week", "month"]
+PERIODS: tuple[str, ...] = ("hour", "day", "week", "month")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    level: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectPath:
+    """Where a caller sits: org, then optionally department and team, then a user or app."""
+
+    nodes: tuple[Node, ...]
+
+    def get(self, level: str) -> str | None:
+        for node in self.nodes:
+            if node.level == level:
+                return node.name
+        return None
+
+    @property
+    def org(self) -> str:
+        return self.nodes[0].name if self.nodes else ""
+
+    @property
+    def leaf(self) -> Node | None:
+        return self.nodes[-1] if self.nodes else None
+
+    def prefix_key(self, level: str) -> str | None:
+        """A stable id of the node at ``level`` (its whole ancestry), or None if absent."""
+        parts = []
+        for node in self.nodes:
+            parts.append(f"{node.level}:{node.name}")
+            if node.level == level:
+                return "/".join(parts)
+        return None
+
+    def __str__(self) -> str:
+        return "/".join(f"{n.level}:{n.name}" for n in self.nodes)
+
+
+@dataclass(frozen=True, slots=True)
+class LevelRule:
+    """How one level of the path is read from the claims."""
+
+    level: str
+    claims: tuple[str, ...]  # the first claim present wins
+    pattern: re.Pattern[str] | None = None  # list/str claims: the first value matching
+    missing: Literal["deny", "skip", "fallback"] = "deny"
+    fallback: str | None = None
+    require: tuple[tuple[str, str], ...] = ()  # leaf candidates: claim == value
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectRules:
+    levels: tuple[LevelRule, ...]  # org, department, team (those configured)
+    leaf: tuple[LevelRule, ...]  # candidates in order: the first that resolves wins
+    leaf_required: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """How tokens of each kind count against a budget (output is often costlier)."""
+
+    input: float = 1.0
+    cached_input: float = 1.0
+    output: float = 1.0
+
+    def units(self, usage: TokenUsage) -> int:
+        # Rounded up: a fraction of a unit is still spent.
+        raw = (
+            usage.input_tokens * self.input
+            + usage.cached_input_tokens * self.cached_input
+            + usage.output_tokens * self.output
+        )
+        return math.ceil(raw - 1e-9)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    name: str
+    match: tuple[tuple[str, str], ...]  # (level, exact name or "*")
+    level: str  # the deepest level named: the node the budget is counted on
+    tokens: int
+    period: Period
+    weights: Weights
+    specificity: int  # how many exact (non-"*") names the match has
+
+    def applies_to(self, path: SubjectPath) -> bool:
+        for level, want in self.match:
+            have = path.get(level)
+            if have is None or (want != "*" and want != have):
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRule:
+    pattern: str  # shell-style, e.g. "gpt-4o*"
+    max_output_tokens: int  # reserved when the request names no max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPolicy:
+    rules: tuple[ModelRule, ...] = ()
+    unknown: Literal["deny", "default"] = "deny"
+    unknown_max_output_tokens: int = 0
+
+    def default_output(self, model: str | None) -> int | None:
+        """The output reservation for a model with no max_tokens; None means deny."""
+        if model is not None:
+            for rule in self.rules:
+                if fnmatchcase(model, rule.pattern):
+                    return rule.max_output_tokens
+        return self.unknown_max_output_tokens if self.unknown == "default" else None
+
+    def label(self, model: str | None) -> str:
+        """A bounded metric label: the rule that matched, never the raw client string."""
+        if model is not None:
+            for rule in self.rules:
+                if fnmatchcase(model, rule.pattern):
+                    return rule.pattern
+        return "other"
+
+    def is_known(self, model: str | None) -> bool:
+        return model is not None and any(fnmatchcase(model, r.pattern) for r in self.rules)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPolicy:
+    bad_body: Literal["deny", "reserve"] = "deny"
+    bad_body_tokens: int = 0
+    other_paths: Literal["allow", "deny"] = "allow"  # non-AI paths (e.g. GET /v1/models)
+    add_stream_usage: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationPolicy:
+    ttl_s: float = 600.0
+    on_expiry: Literal["input_estimate", "reserved"] = "input_estimate"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    source: str
+    timezone: ZoneInfo
+    identity: IdentitySettings
+    subject: SubjectRules
+    budgets: tuple[Budget, ...]
+    weights: Weights
+    models: ModelPolicy
+    requests: RequestPolicy
+    reservations: ReservationPolicy
+    ledger_url: str = "memory://"
+    _cache: dict[tuple[Node, ...], tuple[Budget, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def budgets_for(self, path: SubjectPath) -> tuple[Budget, ...]:
+        """Every budget on the caller's path.
+
+        Among budgets on the same level with the same period, only the most specific
+        apply: `{department: research}` overrides `{department: "*"}` for research.
+        """
+        hit = self._cache.get(path.nodes)
+        if hit is not None:
+            return hit
+        matching = [b for b in self.budgets if b.applies_to(path)]
+        best: dict[tuple[str, str], int] = {}
+        for b in matching:
+            slot = (b.level, b.period)
+            best[slot] = max(best.get(slot, -1), b.specificity)
+        chosen = tuple(b for b in matching if b.specificity == best[(b.level, b.period)])
+        if len(self._cache) > 100_000:  # bounded: one entry per distinct path
+            self._cache.clear()
+        self._cache[path.nodes] = chosen
+        return chosen

@@ -1,0 +1,1 @@
+"""Metrics (Prometheus text on /metrics) and logging set-up."""
