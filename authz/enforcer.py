@@ -203,7 +203,8 @@ class Enforcer:
         expiry = tokens
         if policy.reservations.on_expiry == "input_estimate":
             expiry = TokenUsage(tokens.input_tokens, 0, 0)
-        rid = uuid.uuid4().hex
+        # The org rides in the id so a clustered ledger can find the org's slot on settle.
+        rid = f"{uuid.uuid4().hex}@{subject.org}"
         try:
             outcome = await self._ledger.reserve(
                 rid, limits, tokens, deadline=now + policy.reservations.ttl_s, expiry_charge=expiry

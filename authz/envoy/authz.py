@@ -40,4 +40,4 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):
                         "status": decision.status,
                     },
                 )
-            return check_response(decision, inp.headers)
+            return check_response(decision, inp)

@@ -22,7 +22,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 from google.rpc import status_pb2
 
-from authz.apis import Api
+from authz.apis import Api, api_for_path
 from authz.decision import Decision, DenyReason
 from authz.enforcer import CheckInput, reset_header
 
@@ -104,9 +104,10 @@ def metadata_fields(d: Decision) -> dict[str, Any]:
     return fields
 
 
-def _error_body(d: Decision) -> bytes:
+def _error_body(d: Decision, path: str) -> bytes:
     openai_type, anthropic_type = _ERROR_TYPES.get(d.status, ("invalid_request_error", "api_error"))
-    if d.api is Api.ANTHROPIC_MESSAGES:
+    # By path, not by d.api: a 401 is decided before the body is read.
+    if (d.api or api_for_path(path)) is Api.ANTHROPIC_MESSAGES:
         return json.dumps(
             {"type": "error", "error": {"type": anthropic_type, "message": d.message}}
         ).encode()
@@ -116,7 +117,7 @@ def _error_body(d: Decision) -> bytes:
     ).encode()
 
 
-def check_response(d: Decision, client_headers: Mapping[str, str]) -> authz_pb2.CheckResponse:
+def check_response(d: Decision, inp: CheckInput) -> authz_pb2.CheckResponse:
     meta = struct_pb2.Struct()
     meta.update(metadata_fields(d))
     if d.allowed:
@@ -127,7 +128,7 @@ def check_response(d: Decision, client_headers: Mapping[str, str]) -> authz_pb2.
             upstream.append(_header("x-authz-reservation", d.reservation_id))
         ours = {h.header.key for h in upstream}
         # Anything else named like our headers was sent by the client: strip it.
-        strip = [k for k in client_headers if k.startswith(UPSTREAM_PREFIX) and k not in ours]
+        strip = [k for k in inp.headers if k.startswith(UPSTREAM_PREFIX) and k not in ours]
         ok = authz_pb2.OkHttpResponse(
             headers=upstream, headers_to_remove=strip, response_headers_to_add=_quota_headers(d)
         )
@@ -143,7 +144,7 @@ def check_response(d: Decision, client_headers: Mapping[str, str]) -> authz_pb2.
     denied = authz_pb2.DeniedHttpResponse(
         status=http_status_pb2.HttpStatus(code=d.status),  # type: ignore[arg-type]
         headers=headers,
-        body=_error_body(d).decode(),
+        body=_error_body(d, inp.path).decode(),
     )
     # gRPC code 7 (PERMISSION_DENIED) marks the check as denied; the HTTP status is ours.
     return authz_pb2.CheckResponse(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import grpc
 import httpx
@@ -37,7 +38,8 @@ from tests.support.envoy_proc import (
     http_filter,
     render_envoy_config,
 )
-from tests.support.fake_llm import FakeLLMThread
+from tests.support.fake_llm import FakeLLM, FakeLLMThread
+from tests.support.ports import free_port
 from tests.support.procs import BackgroundLoop, HarnessError, wait_until
 from tests.support.service import AuthzService
 
@@ -429,6 +431,29 @@ def test_service_that_cannot_start_fails_fast_with_its_stderr(tmp_path: Path) ->
     with pytest.raises(HarnessError, match="exited"):
         service.start()
     assert service.returncode not in (None, 0)
+
+
+async def test_async_lifecycle_and_fail_closed_without_authz(tmp_path: Path) -> None:
+    """FakeLLM and EnvoyProcess on the test's own loop; nothing listens on the authz port."""
+    fake = FakeLLM()
+    await fake.start()
+    try:
+        config = render_envoy_config(
+            listen_port=0,
+            admin_port=0,
+            authz_port=free_port(),
+            upstream_port=fake.port,
+            out_path=tmp_path / "envoy.yaml",
+        )
+        async with EnvoyProcess(config) as envoy, aiohttp.ClientSession() as session:
+            async with session.post(envoy.url + "/v1/chat/completions", json={}) as response:
+                assert response.status == 503  # status_on_error, failure_mode_allow: false
+            [line] = await asyncio.to_thread(envoy.access_log, at_least=1)
+        assert envoy.running is False
+        assert (line["code"], line["flags"]) == (503, "UAEX")
+        assert fake.records == []  # fail closed: the model was never called
+    finally:
+        await fake.stop()
 
 
 # ----------------------------------------------------------------- (b) through Envoy

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -260,7 +261,8 @@ def test_client_sent_authz_headers_are_stripped(
     rec = fake_llm.wait_records(1)[0]
     assert rec.headers["x-authz-subject"] == "org:acme/user:honest"
     assert "x-authz-admin" not in rec.headers
-    assert len(rec.headers["x-authz-reservation"]) == 32
+    rid, _, org = rec.headers["x-authz-reservation"].partition("@")
+    assert len(rid) == 32 and org == "acme"
 
 
 def test_upstream_error_releases_reservation(
@@ -286,3 +288,74 @@ def test_graceful_stop(tmp_path: Path, jwks: JwksServer) -> None:
     svc.send_signal(signal.SIGTERM)
     assert svc.wait(15) == 0
     assert '"stopped"' in svc.stderr_path.read_text()
+
+
+def test_gzip_responses_settle_exact_usage(
+    gw: EnvoyProcess, rsa: SigningKey, service: AuthzService, fake_llm: FakeLLMThread
+) -> None:
+    client = oai(
+        gw,
+        token(rsa, "zipper", "ziporg"),
+        **{"x-fake-gzip": "1", "x-fake-words": "6", "x-fake-prompt-tokens": "11"},
+    )
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=50
+    )
+    assert raw.headers.get("content-encoding") == "gzip"
+    assert raw.parse().usage.completion_tokens == 6  # type: ignore[union-attr]
+    text = "".join(c.choices[0].delta.content or "" for c in chat(client, stream=True) if c.choices)  # type: ignore[attr-defined]
+    assert len(text.split()) == 6
+    labels = {"org": "ziporg", "model": "gpt-*"}
+    assert wait_metric(service.http_url, "authz_tokens_total", 12, kind="output", **labels) == 12
+    assert metric(service.http_url, "authz_tokens_total", kind="input", **labels) == 22
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"model": "gpt-4o", "messages": [', b""])
+def test_unreadable_body_gets_clean_400(gw: EnvoyProcess, rsa: SigningKey, body: bytes) -> None:
+    resp = httpx.post(
+        gw.url + "/v1/chat/completions",
+        content=body,
+        timeout=10,
+        headers={
+            "authorization": f"Bearer {token(rsa, 'sloppy', 'acme')}",
+            "content-type": "application/json",
+        },
+    )
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert (
+        err["type"] == "invalid_request_error" and err["code"] == "bad_request" and err["message"]
+    )
+
+
+def test_oversized_body_is_not_trusted_as_complete(gw: EnvoyProcess, rsa: SigningKey) -> None:
+    # Envoy forwards at most 1 MiB of the body to the Check: a partial body cannot be
+    # estimated, so the policy's bad_body rule (deny) applies.
+    big = json.dumps(
+        {
+            "model": "gpt-4o",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}],
+        }
+    )
+    resp = httpx.post(
+        gw.url + "/v1/chat/completions",
+        content=big,
+        timeout=20,
+        headers={
+            "authorization": f"Bearer {token(rsa, 'bulky', 'acme')}",
+            "content-type": "application/json",
+        },
+    )
+    assert resp.status_code == 400
+    assert "larger than the gateway forwards" in resp.json()["error"]["message"]
+
+
+def test_anthropic_denials_use_anthropic_error_format(gw: EnvoyProcess) -> None:
+    client = anthropic.Anthropic(base_url=gw.url, api_key="not-a-token", max_retries=0, timeout=10)
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        client.messages.create(
+            model="claude-sonnet-4", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert err.value.body["type"] == "error"  # type: ignore[index]
+    assert err.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]

@@ -28,6 +28,7 @@ from tests.support.procs import HarnessError, tail, terminate, wait_until
 
 __all__ = [
     "ENVOY_YAML",
+    "REPO_ROOT",
     "EnvoyProcess",
     "Mutator",
     "add_jwt_authn",

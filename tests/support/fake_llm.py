@@ -718,3 +718,29 @@ class FakeLLMThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main() -> None:
+    """``python -m tests.support.fake_llm --port 8080``: the README's stand-in upstream."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="fake OpenAI/Anthropic upstream")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args()
+
+    async def run() -> None:
+        fake = FakeLLM(host=args.host)
+        await fake.start(args.port)
+        print(f"fake LLM on {fake.url}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await fake.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
