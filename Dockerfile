@@ -8,8 +8,11 @@ RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
-RUN useradd --system --uid 10001 authz
+RUN useradd --system --uid 10001 authz && install -d -o 10001 /var/lib/authz
 USER 10001
+# The ledger breaker's usage journal lives here (./authz-state/journal.jsonl by default):
+# mount a volume on it so usage journaled during a Redis outage survives a restart.
+WORKDIR /var/lib/authz
 EXPOSE 9191 9192
 # gRPC (ext_authz + ext_proc + health + reflection) on 9191, admin HTTP on 9192.
 HEALTHCHECK --interval=10s --timeout=2s \

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from authz.errors import PolicyError
+from authz.errors import AuthzError, PolicyError
 
 __all__ = ["main"]
 
@@ -20,11 +20,18 @@ def _serve(args: argparse.Namespace) -> int:
     from authz.telemetry.logging import setup_logging
 
     setup_logging(args.log_level)
+    if args.workers < 1:
+        print("authz: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and args.worker_index is None:
+        return _supervise(args)
     opts = ServeOptions(
         config=args.config,
         grpc_address=args.grpc_address,
         http_address=args.http_address,
         ledger_url=args.ledger,
+        reuse_port=args.worker_index is not None,
+        state_dir=args.state_dir,
     )
     runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
@@ -35,10 +42,50 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     try:
         runner(serve(opts))
-    except PolicyError as exc:
+    except AuthzError as exc:  # a bad policy, ledger URL or journal: say it, no traceback
         print(f"authz: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``--workers N``: start N ``serve`` processes sharing the gRPC port, and wait."""
+    from authz.policy.loader import load_policy
+    from authz.workers import admin_address, supervise
+
+    try:
+        url = args.ledger or load_policy(args.config).ledger_url
+    except PolicyError as exc:
+        print(f"authz: {exc}", file=sys.stderr)
+        return 2
+    if args.grpc_address.endswith(":0"):
+        print("authz: --workers needs a fixed --grpc-address port to share", file=sys.stderr)
+        return 2
+    if url.startswith("memory://") and not args.split_memory_ledger:
+        print(
+            f"authz: --workers {args.workers} with the memory:// ledger would give every worker"
+            " its own separate budgets, so a caller could spend up to"
+            f" {args.workers} times its allowance. Use a shared ledger (--ledger redis://...),"
+            " or --workers 1, or pass --split-memory-ledger if that is what you want"
+            " (benchmarks, tests).",
+            file=sys.stderr,
+        )
+        return 2
+    commands = []
+    for i in range(args.workers):
+        cmd = [
+            sys.executable, "-m", "authz", "serve",
+            "--config", args.config,
+            "--grpc-address", args.grpc_address,
+            "--http-address", admin_address(args.http_address, i),
+            "--log-level", args.log_level,
+            "--worker-index", str(i),
+            "--state-dir", args.state_dir,
+        ]  # fmt: skip
+        if args.ledger:
+            cmd += ["--ledger", args.ledger]
+        commands.append(cmd)
+    return supervise(commands)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -53,6 +100,13 @@ def _check_config(args: argparse.Namespace) -> int:
         f"{args.file}: ok ({len(policy.budgets)} budgets, {len(policy.models.rules)} model rules, "
         f"timezone {policy.timezone.key})"
     )
+    if args.envoy:
+        from pathlib import Path
+
+        from authz.policy.envoy_check import envoy_warnings
+
+        for warning in envoy_warnings(policy, Path(args.envoy)):
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -76,14 +130,37 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("AUTHZ_LEDGER_URL"),
         help="ledger URL (overrides the policy's ledger.url)",
     )
+    s.add_argument(
+        "--state-dir",
+        default=os.environ.get("AUTHZ_STATE_DIR", "."),
+        help="where relative state paths (the usage journal) live; default: the working dir",
+    )
     s.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "info"))
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("AUTHZ_WORKERS", "1")),
+        help="serving processes sharing the gRPC port (SO_REUSEPORT); worker i serves admin"
+        " HTTP on the --http-address port + i. Needs a shared ledger (redis://)",
+    )
+    s.add_argument(
+        "--split-memory-ledger",
+        action="store_true",
+        help="allow --workers > 1 with memory://: each worker then enforces its own copy of"
+        " every budget (N times the allowance). For benchmarks and tests only",
+    )
+    s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(fn=_serve)
     c = sub.add_parser("check-config", help="validate a policy file offline")
     c.add_argument("file")
+    c.add_argument("--envoy", help="an Envoy bootstrap to cross-check (e.g. envoy/envoy.yaml)")
     c.set_defaults(fn=_check_config)
     h = sub.add_parser("hash-key", help="print the sha256 of an API key for the policy")
     h.add_argument("key", help="the key, or - to read it from stdin")
     h.set_defaults(fn=_hash_key)
+    from authz.audit.cli import add_audit_commands
+
+    add_audit_commands(sub)
     args = p.parse_args(argv)
     return int(args.fn(args))
 

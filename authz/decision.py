@@ -20,6 +20,8 @@ class DenyReason(StrEnum):
     """Stable strings: used as the error code, a log field and a metric label."""
 
     BUDGET_EXHAUSTED = "budget_exhausted"
+    RATE_LIMITED = "rate_limited"
+    OFF_PEAK = "off_peak"
     UNAUTHENTICATED = "unauthenticated"
     SUBJECT_UNMAPPED = "subject_unmapped"
     UNKNOWN_MODEL = "unknown_model"
@@ -54,6 +56,8 @@ class Decision:
     input_estimate: int = 0
     output_reserved: int = 0
     quota: Quota | None = None
+    retry_after_s: float | None = None  # denials: when trying again can succeed
+    warnings: tuple[str, ...] = ()  # allowed, but a soft budget is past its amount
 
     @property
     def allowed(self) -> bool:

@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from authz.admission import AdmissionQueue, PlannedLimit, QueueFull, Unpriced, plan_limits
 from authz.apis import Api, api_for_path
 from authz.clock import Clock
 from authz.decision import Decision, DenyReason, Quota, Verdict
 from authz.errors import BodyError, IdentityError, LedgerUnavailable
 from authz.estimate import RequestEstimate, estimate_request
 from authz.identity import Authenticator
-from authz.ledger.base import Ledger, Limit, Refusal
+from authz.ledger.base import Ledger, Limit, Refusal, Reservation
+from authz.observer import Observer
 from authz.policy.model import Policy, SubjectPath
 from authz.policy.periods import PeriodWindows
 from authz.policy.store import PolicyStore
@@ -50,7 +52,10 @@ def _duration(seconds: float) -> str:
 
 
 class Enforcer:
-    def __init__(self, store: PolicyStore, ledger: Ledger, clock: Clock) -> None:
+    def __init__(
+        self, store: PolicyStore, ledger: Ledger, clock: Clock, observer: Observer | None = None
+    ) -> None:
+        self._observer = observer  # told of every decision (audit, alerts); None: nobody
         self._store = store
         self._ledger = ledger
         self._clock = clock
@@ -59,6 +64,7 @@ class Enforcer:
         self._auth = Authenticator(self._policy.identity, clock=clock)
         self._retired: list[Authenticator] = []
         self._warming: asyncio.Task[None] | None = None
+        self._queue = AdmissionQueue(self._policy.queue.max_depth)
         store.on_change(self._use_policy)
 
     def _use_policy(self, policy: Policy) -> None:
@@ -100,6 +106,12 @@ class Enforcer:
 
     # -- the request path ---------------------------------------------------------
     async def check(self, req: CheckInput) -> Decision:
+        decision = await self._decide(req)
+        if self._observer is not None:
+            self._observer.decided(decision)
+        return decision
+
+    async def _decide(self, req: CheckInput) -> Decision:
         policy = self._policy
         try:
             identity = await self._auth.authenticate(req.headers, req.envoy_jwt_payload)
@@ -155,7 +167,28 @@ class Enforcer:
                     model=model,
                 )
             tokens = TokenUsage(estimate.input_tokens, 0, default if output is None else output)
-        return await self._reserve(policy, subject, api, model, stream, tokens)
+        deferred = await self._off_peak(policy, subject, api, model)
+        if deferred is not None:
+            return deferred
+        return await self._reserve(policy, subject, api, model, stream, tokens, identity.claims)
+
+    async def _off_peak(self, policy: Policy, subject: SubjectPath, api: Api, model: str | None
+                        ) -> Decision | None:  # fmt: skip
+        """Non-critical work yields during peak hours: wait if the peak ends within
+        max_wait (``during_peak: queue``), else 429 with retry-after to the off-peak start."""
+        sched = policy.schedule
+        if sched is None or not sched.is_non_critical(subject):
+            return None
+        now = self._clock.now()
+        ends = sched.peak_ends_at(now, policy.timezone)
+        if ends is None:
+            return None
+        if sched.during_peak == "queue" and ends - now <= policy.queue.max_wait_s:
+            await asyncio.sleep(ends - now)
+            return None
+        msg = f"{subject} is non-critical and deferred during peak hours; retry after the peak"
+        return Decision(Verdict.DENY, 429, DenyReason.OFF_PEAK, "peak_hours", msg, subject=subject,
+                        api=api, model=model, retry_after_s=ends - now)  # fmt: skip
 
     def _estimate(self, api: Api, req: CheckInput) -> tuple[RequestEstimate | None, str]:
         if req.body_truncated:
@@ -165,18 +198,10 @@ class Enforcer:
         except BodyError as exc:
             return None, str(exc)
 
-    def limits_for(self, policy: Policy, subject: SubjectPath) -> tuple[Limit, ...]:
-        now = self._clock.now()
-        limits = []
-        for b in policy.budgets_for(subject):
-            node = subject.prefix_key(b.level)
-            if node is None:
-                continue
-            start, end = self._windows.get(b.period, now)
-            limits.append(
-                Limit(f"{b.name}|{node}|{int(start)}", b.name, node, b.tokens, end, b.weights)
-            )
-        return tuple(limits)
+    def limits_for(self, policy: Policy, subject: SubjectPath, model: str | None = None
+                   ) -> tuple[Limit, ...]:  # fmt: skip
+        plan = plan_limits(policy, subject, model, self._windows, self._clock.now())
+        return tuple(p.limit for p in plan)
 
     async def _reserve(
         self,
@@ -186,8 +211,8 @@ class Enforcer:
         model: str | None,
         stream: bool,
         tokens: TokenUsage,
+        claims: Mapping[str, Any],
     ) -> Decision:
-        limits = self.limits_for(policy, subject)
         allow = Decision(
             Verdict.ALLOW,
             subject=subject,
@@ -197,48 +222,139 @@ class Enforcer:
             input_estimate=tokens.input_tokens,
             output_reserved=tokens.output_tokens,
         )
-        if not limits:
+        try:
+            plan = plan_limits(policy, subject, model, self._windows, self._clock.now())
+        except Unpriced:
+            msg = f"model {model!r} has no price, and a cost budget applies to {subject}"
+            return replace(allow, verdict=Verdict.DENY, status=400, reason=DenyReason.UNKNOWN_MODEL,
+                           detail="model_not_priced", message=msg)  # fmt: skip
+        if not plan:
             return allow
-        now = self._clock.now()
+        limits = tuple(p.limit for p in plan)
+        rates = {p.limit.key for p in plan if p.rate}
         expiry = tokens
         if policy.reservations.on_expiry == "input_estimate":
             expiry = TokenUsage(tokens.input_tokens, 0, 0)
         # The org rides in the id so a clustered ledger can find the org's slot on settle.
         rid = f"{uuid.uuid4().hex}@{subject.org}"
+        label = policy.models.label(model)
+        refusal: Refusal | None = None
+
+        async def attempt() -> tuple[Reservation | None, str, float]:
+            nonlocal refusal
+            now = self._clock.now()
+            out = await self._ledger.reserve(
+                rid, limits, tokens, deadline=now + policy.reservations.ttl_s,
+                expiry_charge=expiry, model=label,
+            )  # fmt: skip
+            if isinstance(out, Refusal):
+                refusal = out
+                return None, out.limit.key, max(0.0, out.limit.window_end - now)
+            return out, "", 0.0
+
         try:
-            outcome = await self._ledger.reserve(
-                rid, limits, tokens, deadline=now + policy.reservations.ttl_s, expiry_charge=expiry
+            reservation, _, _ = await attempt()
+            assert reservation is not None or refusal is not None
+            queueable = refusal is not None and refusal.limit.key in rates
+            if reservation is None and queueable and policy.queue.max_wait_s > 0:
+                assert refusal is not None
+                reservation = await self._queue_for(policy, subject, claims, refusal, attempt)
+        except QueueFull as exc:
+            assert refusal is not None
+            return self._rate_denial(
+                allow, refusal, f"the wait queue is full ({exc})", "queue_full"
             )
         except LedgerUnavailable as exc:
-            log.error("ledger unavailable: %s", exc)
-            msg = "the quota store is unavailable; try again shortly"
+            # Debug only: the breaker (authz.ledger.breaker) logs each state change once;
+            # a line per refused request would flood the log for the whole outage.
+            log.debug("ledger unavailable: %s", exc)
+            msg = (
+                "The token quota service is unreachable, so this request cannot be checked "
+                "against its budget and is refused (the gateway fails closed); retry shortly."
+            )
             return replace(
                 allow, verdict=Verdict.DENY, status=503, reason=DenyReason.LEDGER_UNAVAILABLE,
                 message=msg,
             )  # fmt: skip
-        if isinstance(outcome, Refusal):
-            lim = outcome.limit
-            reset = max(0.0, lim.window_end - now)
-            msg = (
-                f"Token budget '{lim.budget}' for {lim.node} is exhausted: {outcome.remaining} of "
-                f"{lim.amount} tokens left, this request needs {outcome.requested}; "
-                f"resets in {_duration(reset)}."
-            )
-            quota = Quota(lim.budget, lim.node, lim.amount, outcome.remaining, reset)
-            return replace(
-                allow, verdict=Verdict.DENY, status=429, reason=DenyReason.BUDGET_EXHAUSTED,
-                detail=lim.budget, message=msg, quota=quota,
-            )  # fmt: skip
-        # The tightest node (least left) is the one the x-ratelimit-* headers describe.
-        i = min(range(len(outcome.limits)), key=outcome.remaining.__getitem__)
-        lim = outcome.limits[i]
-        reset = max(0.0, lim.window_end - now)
-        quota = Quota(lim.budget, lim.node, lim.amount, outcome.remaining[i], reset)
-        return replace(allow, reservation_id=rid, quota=quota)
+        if reservation is None:
+            assert refusal is not None
+            if refusal.retry_after_s is not None:
+                return self._local_denial(allow, refusal)
+            if refusal.limit.key in rates:
+                waited = " after waiting the policy's max_wait" if policy.queue.max_wait_s else ""
+                return self._rate_denial(allow, refusal, f"rate limit reached{waited}", "")
+            return self._budget_denial(allow, refusal)
+        # reservation.id, not rid: a breaker admitting locally returns "local:<rid>".
+        return replace(allow, reservation_id=reservation.id, quota=self._quota(plan, reservation),
+                       warnings=_warnings(plan, reservation))  # fmt: skip
+
+    async def _queue_for(self, policy: Policy, subject: SubjectPath, claims: Mapping[str, Any],
+                         refusal: Refusal, attempt: Any) -> Reservation | None:  # fmt: skip
+        if self._queue.max_depth != policy.queue.max_depth:
+            self._queue.max_depth = policy.queue.max_depth
+        priority = policy.queue.priority(subject, claims)
+        result: Reservation | None = await self._queue.wait(
+            refusal.limit.key, priority, policy.queue.max_wait_s, attempt
+        )
+        return result
+
+    def _quota(self, plan: tuple[PlannedLimit, ...], res: Reservation) -> Quota | None:
+        # The x-ratelimit-*-tokens headers describe the token budget with the least left.
+        best: Quota | None = None
+        now = self._clock.now()
+        for p, left in zip(plan, res.remaining, strict=True):
+            if p.budget is None or p.budget.unit != "tokens":
+                continue
+            if best is None or left < best.remaining:
+                lim = p.limit
+                best = Quota(lim.budget, lim.node, lim.amount, left, max(0.0, lim.window_end - now))
+        return best
+
+    def _budget_denial(self, allow: Decision, refusal: Refusal) -> Decision:
+        lim = refusal.limit
+        reset = max(0.0, lim.window_end - self._clock.now())
+        msg = (
+            f"Token budget '{lim.budget}' for {lim.node} is exhausted: {refusal.remaining} of "
+            f"{lim.amount} tokens left, this request needs {refusal.requested}; "
+            f"resets in {_duration(reset)}."
+        )
+        quota = Quota(lim.budget, lim.node, lim.amount, refusal.remaining, reset)
+        return replace(
+            allow, verdict=Verdict.DENY, status=429, reason=DenyReason.BUDGET_EXHAUSTED,
+            detail=lim.budget, message=msg, quota=quota, retry_after_s=reset,
+        )  # fmt: skip
+
+    def _local_denial(self, allow: Decision, refusal: Refusal) -> Decision:
+        # The breaker's local allowance (ledger.breaker.mode: local_allowance) is used up,
+        # not the budget: retryable once the store is back, hence rate_limited.
+        lim, retry = refusal.limit, refusal.retry_after_s or 1.0
+        msg = (
+            f"The token quota service is unreachable and this gateway's local allowance for "
+            f"'{lim.budget}' on {lim.node} is used up: {refusal.remaining} left, this request "
+            f"needs {refusal.requested}; retry in {_duration(retry)}."
+        )
+        return replace(
+            allow, verdict=Verdict.DENY, status=429, reason=DenyReason.RATE_LIMITED,
+            detail="local_allowance", message=msg, retry_after_s=retry,
+        )  # fmt: skip
+
+    def _rate_denial(self, allow: Decision, refusal: Refusal, why: str, detail: str) -> Decision:
+        lim = refusal.limit
+        # A concurrency cap has no window: a slot may free any moment.
+        reset = 1.0 if lim.key.endswith("|c") else max(1.0, lim.window_end - self._clock.now())
+        msg = (
+            f"Rate '{lim.budget}' for {lim.node}: {why}; {refusal.remaining} of {lim.amount} left "
+            f"this minute, this request needs {refusal.requested}; retry in {_duration(reset)}."
+        )
+        return replace(
+            allow, verdict=Verdict.DENY, status=429, reason=DenyReason.RATE_LIMITED,
+            detail=detail or lim.budget, message=msg, retry_after_s=reset,
+        )  # fmt: skip
 
     # -- the response path --------------------------------------------------------
     async def settle(self, reservation_id: str, usage: TokenUsage) -> bool:
         outcome = await self._ledger.settle(reservation_id, usage)
+        self._queue.notify()  # a concurrency slot or an over-reservation may have freed
         return outcome.settled
 
     async def release(self, reservation_id: str) -> bool:
@@ -246,7 +362,35 @@ class Enforcer:
         return await self.settle(reservation_id, _NO_USAGE)
 
     async def expire_overdue(self) -> int:
-        return await self._ledger.expire(self._clock.now())
+        n = await self._ledger.expire(self._clock.now())
+        if n:
+            self._queue.notify()
+        return n
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.depth
+
+    def on_queue_wait(self, observe: Callable[[float], None]) -> None:
+        """Called with each queued check's wait in seconds (admitted or not)."""
+        self._queue.on_wait = observe
+
+
+def _warnings(plan: tuple[PlannedLimit, ...], res: Reservation) -> tuple[str, ...]:
+    """Soft budgets past their amount, and burst budgets borrowing from the next period."""
+    out = []
+    for p, left in zip(plan, res.remaining, strict=True):
+        b = p.budget
+        if b is None or not (b.soft_grace or b.burst):
+            continue
+        used = p.limit.amount - left
+        if used > b.tokens:
+            kind = "borrowing from the next period" if b.burst else "over its soft limit"
+            out.append(
+                f"budget '{b.name}' for {p.limit.node} is {kind}: {used} of {b.tokens}; "
+                f"hard stop at {p.limit.amount}"
+            )
+    return tuple(out)
 
 
 def reset_header(seconds: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass
 
@@ -20,11 +21,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authz.admin.http import AdminServer
-from authz.clock import SystemClock
+from authz.clock import Clock, SystemClock
 from authz.enforcer import Enforcer
 from authz.envoy.authz import AuthorizationServicer
 from authz.envoy.extproc import ExternalProcessorServicer
-from authz.ledger import open_ledger
+from authz.errors import AuthzError, PolicyError
+from authz.ledger import Ledger, MemoryLedger, open_ledger
+from authz.ledger.breaker import BreakerLedger
+from authz.ledger.journal import Journal
+from authz.observability import Observability
 from authz.policy.store import PolicyStore
 from authz.telemetry.metrics import Metrics
 
@@ -42,6 +47,10 @@ class ServeOptions:
     grace_s: float = 10.0
     watch_interval_s: float = 1.0
     sweep_interval_s: float = 1.0
+    # One of several workers on the same port (authz serve --workers N): the kernel
+    # spreads incoming connections over every socket bound with SO_REUSEPORT.
+    reuse_port: bool = False
+    state_dir: str = "."  # relative journal paths resolve here (--state-dir, AUTHZ_STATE_DIR)
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -58,18 +67,49 @@ async def _every(interval: float, fn: object) -> None:
             log.exception("periodic task failed")
 
 
+def _breaker(inner: Ledger, store: PolicyStore, clock: Clock, state_dir: str) -> BreakerLedger:
+    """The circuit breaker and usage journal around the ledger (policy ``ledger.breaker``)."""
+    settings = store.current.breaker
+    path = os.path.join(state_dir, settings.journal_path)  # an absolute path stays as is
+    try:
+        journal = Journal.open(path, settings.journal_max_bytes)
+    except OSError as exc:
+        where = "ledger.breaker.journal_path"
+        raise PolicyError(str(store.path), where, f"cannot open the journal: {exc}") from exc
+    breaker = BreakerLedger(inner, settings, clock, journal)
+    store.on_change(lambda policy: breaker.configure(policy.breaker))
+    return breaker
+
+
 async def serve(opts: ServeOptions) -> None:
     store = PolicyStore(opts.config)
     clock = SystemClock()
     metrics = Metrics()
-    ledger = open_ledger(opts.ledger_url or store.current.ledger_url, clock)
-    enforcer = Enforcer(store, ledger, clock)
+    ledger_url = opts.ledger_url or store.current.ledger_url
+    # Traces, audit trail, alerts (see authz/observability.py); OTel only if OTEL_* is set.
+    obs = Observability(store, ledger_url, clock, metrics)
+    try:
+        inner = open_ledger(ledger_url, clock)
+    except ValueError as exc:  # a bad --ledger / AUTHZ_LEDGER_URL (the policy's is validated)
+        raise AuthzError(f"ledger URL: {exc}") from exc
+    # The breaker and its journal guard a store across the network. The embedded memory
+    # ledger cannot be unreachable; wrapping it would only let a slow event loop
+    # (a GC pause, a CPU-starved pod) "open" it and deny traffic for no reason.
+    breaker = None
+    if not isinstance(inner, MemoryLedger):
+        breaker = _breaker(inner, store, clock, opts.state_dir)
+    ledger = obs.ledger(breaker or inner)
+    enforcer = Enforcer(store, ledger, clock, observer=obs.observer)
+    metrics.queue_depth.set_function(lambda: enforcer.queue_depth)
+    enforcer.on_queue_wait(metrics.queue_wait.observe)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # SO_REUSEPORT stays off for a single process, so a second copy started by mistake
+    # fails to bind instead of silently taking half the traffic.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(opts.reuse_port))])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(enforcer, metrics), server
+        AuthorizationServicer(enforcer, metrics, obs.tracing, obs.decision_log), server
     )
-    extproc = ExternalProcessorServicer(enforcer, metrics)
+    extproc = ExternalProcessorServicer(enforcer, metrics, obs.tracing)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(extproc, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -85,7 +125,13 @@ async def serve(opts: ServeOptions) -> None:
     server.add_insecure_port(opts.grpc_address)
 
     ready = False
-    admin = AdminServer(metrics, lambda: ready)
+    def ledger_details() -> dict[str, object]:
+        if breaker is None:
+            return {"ledger": {"backend": type(inner).__name__}}
+        return {"ledger": breaker.snapshot().as_dict()}
+
+    metrics.watch_breaker(breaker.snapshot if breaker is not None else None)
+    admin = AdminServer(metrics, lambda: ready, ledger_details)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,14 +147,19 @@ async def serve(opts: ServeOptions) -> None:
             log.info("expired %d unsettled reservations", n)
 
     await enforcer.start()
-    await server.start()
+    if breaker is not None:
+        await breaker.start()  # replays, in the background, what a previous process journaled
+    # Admin first: a worker that cannot bind its admin port (--workers: the port + i)
+    # must fail before it takes a single connection on the shared gRPC port.
     await admin.start(*_split(opts.http_address))
+    await server.start()
     for name in (
         "",
         "envoy.service.auth.v3.Authorization",
         "envoy.service.ext_proc.v3.ExternalProcessor",
     ):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    obs.start()
     tasks = [
         asyncio.create_task(store.watch(opts.watch_interval_s)),
         asyncio.create_task(_every(opts.sweep_interval_s, sweep)),
@@ -120,7 +171,9 @@ async def serve(opts: ServeOptions) -> None:
             "grpc": opts.grpc_address,
             "http": opts.http_address,
             "policy": opts.config,
-            "ledger": ledger.__class__.__name__,
+            "ledger": type(inner).__name__,
+            "breaker_mode": store.current.breaker.mode if breaker else "none (memory)",
+            "pid": os.getpid(),
         },
     )
     await stop.wait()
@@ -135,6 +188,7 @@ async def serve(opts: ServeOptions) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await t
     await sweep()
+    await obs.close()  # a last alert tick, then audit, webhooks and OTel are flushed
     await ledger.close()
     await enforcer.aclose()
     await admin.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -12,9 +13,15 @@ __all__ = ["AdminServer"]
 
 
 class AdminServer:
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        details: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
         self._metrics = metrics
         self._ready = ready
+        self._details = details  # extra /readyz fields, e.g. {"ledger": breaker snapshot}
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
@@ -26,9 +33,14 @@ class AdminServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
+        # Only stopping makes this 503. An open ledger breaker does not, whatever its mode:
+        # every replica shares the one store, so failing readiness would take them all out
+        # of the Service at once; Envoy would then answer 503 for every request (even in
+        # fail_open or local_allowance), and a recovered store would wait for probes
+        # again. The body says what is degraded, for operators and alerts.
         if self._ready():
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready"}, status=503)
+            return web.json_response({"status": "ready", **self._details()})
+        return web.json_response({"status": "not ready", **self._details()}, status=503)
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
         return web.Response(

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
+from authz.decision import Decision
 from authz.enforcer import Enforcer
 from authz.envoy.convert import check_input, check_response
+from authz.policy.model import Policy
+from authz.telemetry.logging import trace_ids
 from authz.telemetry.metrics import Metrics
+from authz.telemetry.tracing import Tracing, traceparent_of
 
 __all__ = ["AuthorizationServicer"]
 
@@ -18,26 +25,98 @@ log = logging.getLogger("authz.check")
 
 
 class AuthorizationServicer(authz_grpc.AuthorizationServicer):
-    def __init__(self, enforcer: Enforcer, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        enforcer: Enforcer,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
+        decision_log: str = "denials",
+    ) -> None:
         self._enforcer = enforcer
         self._metrics = metrics
+        self._tracing = tracing  # None: tracing is off and nothing of it runs here
+        # "all": a line per decision; "denials" (default): denials only; "off": none.
+        self._log_allows = decision_log == "all"
+        self._log_denials = decision_log in ("all", "denials")
+        # Model name -> the policy's model rule label, for the current model rules.
+        self._labels: tuple[object, dict[str, str]] = (None, {})
 
     async def Check(
         self, request: authz_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> authz_pb2.CheckResponse:
+        tracing = self._tracing
+        if tracing is None:
+            return await self._check(request, context, None)
+        span = tracing.start_check(
+            context.invocation_metadata(), request.attributes.request.http.headers
+        )
+        with trace.use_span(span, end_on_exit=True, record_exception=False):
+            try:
+                return await self._check(request, context, span)
+            except BaseException as exc:
+                tracing.failed(span, exc)
+                raise
+
+    async def _check(
+        self,
+        request: authz_pb2.CheckRequest,
+        context: grpc.aio.ServicerContext,
+        span: Span | None,
+    ) -> authz_pb2.CheckResponse:
         with self._metrics.check_timer():
-            inp = check_input(request, self._enforcer.policy.identity.envoy_payload_key)
+            policy = self._enforcer.policy
+            inp = check_input(request, policy.identity.envoy_payload_key)
             decision = await self._enforcer.check(inp)
-            self._metrics.decision(decision)
-            if log.isEnabledFor(logging.DEBUG) or not decision.allowed:
-                log.info(
-                    "decision",
-                    extra={
-                        "decision": decision.verdict.value,
-                        "reason": decision.reason.value if decision.reason else None,
-                        "subject": str(decision.subject) if decision.subject else None,
-                        "model": decision.model,
-                        "status": decision.status,
-                    },
-                )
-            return check_response(decision, inp)
+            model = self._model_label(policy, decision.model)
+            self._metrics.decision(decision, model)
+            if self._log_allows if decision.allowed else self._log_denials:
+                self._log(decision, model, context, inp.headers, span)
+            response = check_response(decision, inp)
+            if span is not None:
+                Tracing.decided(span, decision, model)
+                parent = traceparent_of(span)
+                if parent is not None:
+                    # ext_proc's fallback parent when Envoy itself does not trace.
+                    response.dynamic_metadata.fields["traceparent"].string_value = parent
+            return response
+
+    def _model_label(self, policy: Policy, model: str | None) -> str:
+        if model is None:
+            return ""
+        models = policy.models
+        cache = self._labels
+        if cache[0] is not models:  # a reload replaced the model rules
+            cache = self._labels = (models, {})
+        label = cache[1].get(model)
+        if label is None:
+            label = models.label(model)
+            if len(cache[1]) < 10_000:  # model names come from clients: bounded
+                cache[1][model] = label
+        return label
+
+    def _log(
+        self,
+        d: Decision,
+        model: str,
+        context: grpc.aio.ServicerContext,
+        headers: Mapping[str, str],
+        span: Span | None,
+    ) -> None:
+        extra: dict[str, object] = {
+            "decision": d.verdict.value,
+            "reason": d.reason.value if d.reason else None,
+            "subject": str(d.subject) if d.subject else None,
+            "model": d.model,
+            "model_rule": model or None,
+            "status": d.status,
+        }
+        if d.quota is not None:
+            extra["budget"] = d.quota.budget
+            extra["node"] = d.quota.node
+        if span is None:
+            # Tracing off: still name the request's trace, so the line can be found
+            # from Envoy's trace or access log.
+            ids = trace_ids(context.invocation_metadata(), headers)
+            if ids is not None:
+                extra["trace_id"], extra["parent_span_id"] = ids
+        log.info("decision", extra=extra)

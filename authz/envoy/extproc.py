@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,12 +22,16 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from authz.apis import Api
 from authz.enforcer import Enforcer
 from authz.estimate import with_include_usage
+from authz.policy.model import Policy
 from authz.settle import BodyMode, Outcome, ReservationInfo, ResponseTracker
 from authz.telemetry.metrics import Metrics
+from authz.telemetry.tracing import Tracing
 
 __all__ = ["ExternalProcessorServicer"]
 
@@ -61,6 +66,25 @@ def _reservation(req: pb.ProcessingRequest) -> ReservationInfo | None:
     )
 
 
+def _labels(req: pb.ProcessingRequest) -> tuple[str, str]:
+    """(subject path, department) from what ext_authz decided, for spans and metrics."""
+    ns = req.metadata_context.filter_metadata.get(_AUTHZ_NS)
+    if ns is None or "subject" not in ns.fields:
+        return "", ""
+    subject = ns.fields["subject"].string_value
+    for part in subject.split("/"):
+        if part.startswith("department:"):
+            return subject, part[len("department:") :]
+    return subject, ""
+
+
+def _check_traceparent(req: pb.ProcessingRequest) -> str | None:
+    ns = req.metadata_context.filter_metadata.get(_AUTHZ_NS)
+    if ns is None or "traceparent" not in ns.fields:
+        return None
+    return ns.fields["traceparent"].string_value or None
+
+
 def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
     out = {}
     for h in msg.headers.headers:
@@ -69,9 +93,12 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
 
 
 class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, enforcer: Enforcer, metrics: Metrics) -> None:
+    def __init__(
+        self, enforcer: Enforcer, metrics: Metrics, tracing: Tracing | None = None
+    ) -> None:
         self._enforcer = enforcer
         self._metrics = metrics
+        self._tracing = tracing  # None: tracing is off and nothing of it runs here
         self._pending: set[asyncio.Task[None]] = set()
 
     async def drain(self) -> None:
@@ -79,28 +106,53 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
-    def _settle_later(self, info: ReservationInfo, outcome: Outcome) -> None:
-        task = asyncio.get_running_loop().create_task(self._settle(info, outcome))
+    def _settle_later(
+        self, info: ReservationInfo, outcome: Outcome, department: str, span: Span | None
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._settle(info, outcome, department, span)
+        )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _settle(self, info: ReservationInfo, outcome: Outcome) -> None:
+    async def _settle(
+        self, info: ReservationInfo, outcome: Outcome, department: str, span: Span | None
+    ) -> None:
+        if span is None:
+            await self._settle_now(info, outcome, department, None)
+            return
+        # The ledger's settle span becomes a child of the stream's span.
+        with trace.use_span(span, end_on_exit=True, record_exception=False):
+            await self._settle_now(info, outcome, department, span)
+
+    async def _settle_now(
+        self, info: ReservationInfo, outcome: Outcome, department: str, span: Span | None
+    ) -> None:
+        start = time.perf_counter()
         try:
             if outcome.kind == "released":
-                await self._enforcer.release(info.reservation_id)
+                done = await self._enforcer.release(info.reservation_id)
                 self._metrics.settled("released")
             else:
                 done = await self._enforcer.settle(info.reservation_id, outcome.usage)
-                label = self._enforcer.policy.models.label(info.model or None)
+                policy = self._enforcer.policy
+                label = policy.models.label(info.model or None)
                 self._metrics.settled(
                     outcome.kind if done else "duplicate",
                     info.org,
                     label,
                     outcome.usage if done else None,
+                    department,
+                    _cost(policy, info.model, outcome) if done else None,
                 )
-        except Exception:  # a settle failure must never break the client's response
+            self._metrics.settle_seconds.observe(time.perf_counter() - start)
+            if span is not None:
+                Tracing.settled(span, outcome.kind, outcome.usage, done)
+        except Exception as exc:  # a settle failure must never break the client's response
             log.exception("settlement of %s failed", info.reservation_id)
             self._metrics.settled("failed")
+            if span is not None:
+                Tracing.failed(span, exc)
 
     def _request_body(
         self, req: pb.ProcessingRequest, info: ReservationInfo | None
@@ -128,11 +180,17 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         info: ReservationInfo | None = None
         tracker: ResponseTracker | None = None
         finished = False
+        department = ""
+        span: Span | None = None
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
                 if info is None:
                     info = _reservation(req)
+                    if info is not None:
+                        subject, department = _labels(req)
+                        if self._tracing is not None and span is None:
+                            span = self._start_span(context, req, info, subject)
                 if kind == "request_body":
                     yield self._request_body(req, info)
                 elif kind == "response_headers":
@@ -140,7 +198,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                         req, info, tracker := ResponseTracker(info) if info else None
                     )
                     if tracker is not None and tracker.outcome is not None:
-                        self._settle_later(tracker.info, tracker.outcome)
+                        self._settle_later(tracker.info, tracker.outcome, department, span)
                         finished = True
                 elif kind == "response_body":
                     resp = pb.ProcessingResponse(response_body=_CONTINUE_BODY)
@@ -150,7 +208,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                         )
                         if outcome is not None:
                             finished = True
-                            self._settle_later(tracker.info, outcome)
+                            self._settle_later(tracker.info, outcome, department, span)
                             resp.dynamic_metadata.CopyFrom(_usage_metadata(outcome))
                     yield resp
                 else:
@@ -159,7 +217,19 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             # The stream closed (or was cancelled) without a complete response.
             if info is not None and not finished:
                 tracker = tracker or ResponseTracker(info)
-                self._settle_later(info, tracker.on_abort())
+                self._settle_later(info, tracker.on_abort(), department, span)
+
+    def _start_span(
+        self,
+        context: grpc.aio.ServicerContext,
+        req: pb.ProcessingRequest,
+        info: ReservationInfo,
+        subject: str,
+    ) -> Span:
+        assert self._tracing is not None
+        span = self._tracing.start_stream(context.invocation_metadata(), _check_traceparent(req))
+        Tracing.stream_info(span, info.reservation_id, subject, info.model, info.api.value)
+        return span
 
     def _on_headers(
         self,
@@ -180,6 +250,20 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             )
         override = processing_mode_pb2.ProcessingMode(response_body_mode=_MODES[mode])
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=override)
+
+
+def _cost(policy: Policy, model: str, outcome: Outcome) -> tuple[float, str] | None:
+    """What the usage cost at the policy's prices, or None for a model without one."""
+    price = policy.pricing.for_model(model or None)
+    if price is None:
+        return None
+    u = outcome.usage
+    micros = (
+        u.input_tokens * price.input
+        + u.cached_input_tokens * price.cached_input
+        + u.output_tokens * price.output
+    )
+    return micros / 1_000_000, policy.pricing.currency
 
 
 def _usage_metadata(outcome: Outcome) -> struct_pb2.Struct:

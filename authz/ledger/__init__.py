@@ -19,7 +19,18 @@ __all__ = [
 
 
 def open_ledger(url: str, clock: Clock) -> Ledger:
-    """``memory://`` today; ``redis://`` and ``redis+cluster://`` plug in here."""
+    """``memory://``, or ``redis://`` / ``rediss://`` / ``redis+cluster://`` (see
+    :mod:`authz.ledger.redis.config`; with ``lease=on``, the default, wrapped in edge
+    leases). ``ValueError`` for a bad URL; nothing connects until the first call."""
     if url.startswith("memory://"):
         return MemoryLedger(clock)
-    raise ValueError(f"unsupported ledger URL scheme: {url.split('://', 1)[0]}://")
+    from authz.ledger.redis.config import parse_redis_url
+    from authz.ledger.redis.ledger import RedisLedger
+
+    opts = parse_redis_url(url)
+    redis_ledger = RedisLedger(opts, clock)
+    if not opts.lease.enabled:
+        return redis_ledger
+    from authz.ledger.lease import LeasedLedger
+
+    return LeasedLedger(redis_ledger, clock, opts.lease)

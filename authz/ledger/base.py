@@ -18,14 +18,30 @@ __all__ = ["Balance", "Ledger", "Limit", "Refusal", "Reservation", "SettleOutcom
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """One budget counter for one node and one period window."""
+    """One counter for one node and one window: a period budget, a rate or a concurrency cap.
+
+    A request holds ``units(tokens)`` at reserve; settling replaces the hold by
+    ``settled_units(actual)``. Rates are limits too: requests-per-minute has zero weights
+    and ``per_request=1``; a concurrency cap also gives its unit back on settle
+    (``release_on_settle``), so only open reservations count.
+    """
 
     key: str  # unique per budget, node and window start
-    budget: str  # the budget's name (named in denials)
+    budget: str  # the budget's (or rate's) name, named in denials
     node: str  # the node's path, e.g. "org:acme/department:research"
-    amount: int  # units allowed in the window
+    amount: int  # units allowed in the window: the hard ceiling (soft grace, burst included)
     window_end: float  # when the window resets (epoch seconds); the counter may go then
     weights: Weights
+    per_request: int = 0  # units charged per request on top of the weighted tokens
+    release_on_settle: bool = False  # concurrency: settled requests leave no usage behind
+    carry_from: str | None = None  # burst payback: the previous window's counter key ...
+    nominal: int = 0  # ... and its nominal amount: the next window starts with the overdraft
+
+    def units(self, tokens: TokenUsage) -> int:
+        return self.weights.units(tokens) + self.per_request
+
+    def settled_units(self, actual: TokenUsage) -> int:
+        return 0 if self.release_on_settle else self.units(actual)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +60,9 @@ class Refusal:
     limit: Limit
     requested: int  # units the request needed on that limit
     remaining: int  # units left there
+    # Set when the refusal is temporary: a replica's local allowance, used up while the
+    # store is unreachable (authz.ledger.breaker). Retry after this, not at window_end.
+    retry_after_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +93,12 @@ class Ledger(Protocol):
         *,
         deadline: float,
         expiry_charge: TokenUsage,
+        model: str = "",
     ) -> Reservation | Refusal:
         """Hold ``tokens`` (weighted per limit) on every limit, or on none.
+
+        ``model`` is a bounded label (the policy's model rule) kept with the reservation
+        for usage rollups; it never changes the decision.
 
         On refusal the first limit that would overflow is returned. ``expiry_charge`` is
         what is charged if the reservation is never settled by ``deadline``.
@@ -92,6 +115,16 @@ class Ledger(Protocol):
 
     async def balance(self, limit: Limit) -> Balance:
         """The state of one counter (zero if never used)."""
+        ...
+
+    async def charge(self, charge_id: str, limits: tuple[Limit, ...], actual: TokenUsage) -> bool:
+        """Add ``actual`` (weighted per limit, as a settle would) to every limit, once.
+
+        No reservation is involved and nothing is refused: this is usage that already
+        happened (a request admitted while the store was unreachable, replayed from the
+        journal). True the first time; False for a ``charge_id`` already charged, which
+        the ledger remembers at least as long as it remembers settled reservation ids.
+        """
         ...
 
     async def close(self) -> None:

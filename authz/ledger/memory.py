@@ -22,6 +22,7 @@ class _Counter:
     window_end: float
     used: int = 0
     reserved: int = 0
+    nominal: int = 0  # > 0 for burst budgets: overdraft past it is carried as debt
 
 
 @dataclass(slots=True)
@@ -44,13 +45,26 @@ class MemoryLedger:
         # and a late settle can correct an expiry charge: id -> (limits, charged, forget_at).
         self._closed: dict[str, tuple[tuple[Limit, ...], tuple[int, ...], float, bool]] = {}
         self._deadlines: list[tuple[float, str]] = []
+        self._charges: dict[str, float] = {}  # charge id -> forget_at, like settled ids
         self._remember_s = remember_settled_s
         self._next_prune = 0.0
+        # Overdrafts of pruned burst windows: key -> (debt, forget_at).
+        self._debts: dict[str, tuple[int, float]] = {}
 
     def _counter(self, limit: Limit) -> _Counter:
         c = self._counters.get(limit.key)
         if c is None:
-            c = self._counters[limit.key] = _Counter(limit.amount, limit.window_end)
+            c = self._counters[limit.key] = _Counter(
+                limit.amount, limit.window_end, nominal=limit.nominal
+            )
+            if limit.carry_from is not None:
+                # Burst payback: what the last window spent beyond its nominal amount is
+                # this window's opening debt.
+                prev = self._counters.get(limit.carry_from)
+                if prev is not None:
+                    c.used = max(0, prev.used - limit.nominal)
+                else:
+                    c.used = self._debts.pop(limit.carry_from, (0, 0.0))[0]
         else:
             c.amount = limit.amount  # a reloaded policy may change the amount
         return c
@@ -63,10 +77,11 @@ class MemoryLedger:
         *,
         deadline: float,
         expiry_charge: TokenUsage,
+        model: str = "",
     ) -> Reservation | Refusal:
         self._maintain()
         counters = [self._counter(lim) for lim in limits]
-        units = tuple(lim.weights.units(tokens) for lim in limits)
+        units = tuple(lim.units(tokens) for lim in limits)
         for lim, c, u in zip(limits, counters, units, strict=True):
             left = c.amount - c.used - c.reserved
             if u > left:
@@ -83,7 +98,7 @@ class MemoryLedger:
     async def settle(self, reservation_id: str, actual: TokenUsage) -> SettleOutcome:
         res = self._open.pop(reservation_id, None)
         if res is not None:
-            charged = tuple(lim.weights.units(actual) for lim in res.limits)
+            charged = tuple(lim.settled_units(actual) for lim in res.limits)
             for key, held, spent in zip(res.keys, res.units, charged, strict=True):
                 c = self._counters.get(key)
                 if c is not None:
@@ -95,7 +110,7 @@ class MemoryLedger:
         if closed is not None and closed[3]:
             # Expired earlier and charged the expiry amount: correct it to the real usage.
             limits, charged, _, _ = closed
-            real = tuple(lim.weights.units(actual) for lim in limits)
+            real = tuple(lim.settled_units(actual) for lim in limits)
             for lim, was, now in zip(limits, charged, real, strict=True):
                 c = self._counters.get(lim.key)
                 if c is not None:
@@ -111,7 +126,7 @@ class MemoryLedger:
             res = self._open.pop(rid, None)
             if res is None:
                 continue  # settled in time
-            charged = tuple(lim.weights.units(res.expiry_charge) for lim in res.limits)
+            charged = tuple(lim.settled_units(res.expiry_charge) for lim in res.limits)
             for key, held, spent in zip(res.keys, res.units, charged, strict=True):
                 c = self._counters.get(key)
                 if c is not None:
@@ -120,6 +135,14 @@ class MemoryLedger:
             self._remember(rid, res.limits, charged, late_fixable=True)
             count += 1
         return count
+
+    async def charge(self, charge_id: str, limits: tuple[Limit, ...], actual: TokenUsage) -> bool:
+        if charge_id in self._charges:
+            return False
+        for lim in limits:
+            self._counter(lim).used += lim.settled_units(actual)
+        self._charges[charge_id] = self._clock.now() + self._remember_s
+        return True
 
     async def balance(self, limit: Limit) -> Balance:
         c = self._counters.get(limit.key)
@@ -143,9 +166,16 @@ class MemoryLedger:
         self._next_prune = now + 1.0
         held = {k for r in self._open.values() for k in r.keys}
         for key in [k for k, c in self._counters.items() if c.window_end <= now and k not in held]:
-            del self._counters[key]
+            c = self._counters.pop(key)
+            if c.nominal and c.used > c.nominal:
+                # A month can pass before the next window's first request: keep the debt.
+                self._debts[key] = (c.used - c.nominal, now + 40 * 86400)
+        for key in [k for k, (_, forget) in self._debts.items() if forget <= now]:
+            del self._debts[key]
         for rid in [r for r, v in self._closed.items() if v[2] <= now]:
             del self._closed[rid]
+        for cid in [c for c, forget in self._charges.items() if forget <= now]:
+            del self._charges[cid]
 
     # Introspection for tests and the admin API.
     @property

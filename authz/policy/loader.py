@@ -22,10 +22,20 @@ from authz.identity.settings import (
     IdentitySettings,
     JwtSettings,
 )
+from authz.ledger.redis.config import parse_redis_url, redact_url
+from authz.policy.ledger_settings import parse_breaker
+from authz.policy.loader_admission import (
+    amount_or_share,
+    parse_match,
+    parse_pricing,
+    parse_queue,
+    parse_rates,
+    parse_schedule,
+)
+from authz.policy.loader_observability import parse_alerts, parse_audit
 from authz.policy.model import (
     HIERARCHY,
     LEAF_LEVELS,
-    LEVELS,
     PERIODS,
     Budget,
     LevelRule,
@@ -37,6 +47,7 @@ from authz.policy.model import (
     SubjectRules,
     Weights,
 )
+from authz.policy.observability import AlertPolicy, AuditPolicy
 
 __all__ = ["load_policy", "parse_policy"]
 
@@ -251,26 +262,36 @@ def _budget(r: _Reader, raw: Any, p: str, weights: Weights) -> Budget:
     m = r.mapping(
         raw,
         p,
-        {"name", "match", "tokens", "period", "weights"},
-        {"name", "match", "tokens", "period"},
+        {"name", "match", "tokens", "cost", "period", "weights", "soft", "burst"},
+        {"name", "match", "period"},
     )
     name = r.string(m["name"], f"{p}.name", r"[A-Za-z0-9_.:-]+")
-    match = r.mapping(m["match"], f"{p}.match", set(LEVELS))
-    if not match:
-        r.fail(f"{p}.match", "must name at least one level (e.g. {org: acme} or {user: '*'})")
-    if "user" in match and "app" in match:
-        r.fail(f"{p}.match", "cannot name both user and app: a path ends in one of them")
-    pairs = tuple(
-        (lv, str(r.string(str(match[lv]), f"{p}.match.{lv}"))) for lv in LEVELS if lv in match
-    )
+    pairs = parse_match(r, m["match"], f"{p}.match")
+    if ("tokens" in m) == ("cost" in m):
+        r.fail(p, "needs exactly one of tokens or cost")
+    if "cost" in m:
+        if "weights" in m:
+            r.fail(f"{p}.weights", "a cost budget is weighted by the prices section, not weights")
+        # Currency is counted in micro-units so every charge stays an integer.
+        amount, unit = round(r.number(m["cost"], f"{p}.cost", 0.000001) * 1_000_000), "cost"
+    else:
+        amount, unit = r.integer(m["tokens"], f"{p}.tokens", 1), "tokens"
+    grace = 0
+    if "soft" in m:
+        sm = r.mapping(m["soft"], f"{p}.soft", {"grace"}, {"grace"})
+        grace = amount_or_share(r, sm["grace"], f"{p}.soft.grace", amount)
+    burst = amount_or_share(r, m["burst"], f"{p}.burst", amount) if "burst" in m else 0
     return Budget(
         name=name,
         match=pairs,
         level=pairs[-1][0],
-        tokens=r.integer(m["tokens"], f"{p}.tokens", 1),
+        tokens=amount,
         period=cast(Any, r.choice(m["period"], f"{p}.period", PERIODS)),
         weights=_weights(r, m["weights"], f"{p}.weights", weights) if "weights" in m else weights,
         specificity=sum(1 for _, v in pairs if v != "*"),
+        unit=cast(Any, unit),
+        soft_grace=grace,
+        burst=burst,
     )
 
 
@@ -348,6 +369,12 @@ def parse_policy(data: Any, file: str) -> Policy:
             "requests",
             "reservations",
             "ledger",
+            "rates",
+            "prices",
+            "queue",
+            "schedule",
+            "audit",
+            "alerts",
         },
         {"version", "identity", "subject", "budgets"},
     )
@@ -370,10 +397,29 @@ def parse_policy(data: Any, file: str) -> Policy:
                 b.name,
             )
         seen[b.name] = i
-    ledger = r.mapping(top.get("ledger", {}), "ledger", {"url"})
+    rates = parse_rates(r, top.get("rates"))
+    for i, rate in enumerate(rates):
+        if rate.name in seen:
+            r.fail(
+                f"rates[{i}].name",
+                "duplicate name: budgets and rates share one namespace",
+                rate.name,
+            )
+        seen[rate.name] = i
+    pricing = parse_pricing(r, top.get("prices", {}))
+    if any(b.unit == "cost" for b in budgets) and "prices" not in top:
+        r.fail("prices", "is required when a budget has a cost")
+    ledger = r.mapping(top.get("ledger", {}), "ledger", {"url", "breaker"})
     url = r.string(ledger.get("url", "memory://"), "ledger.url")
     if not url.startswith("memory://"):
-        r.fail("ledger.url", "only memory:// is supported by this build", url)
+        # No slot check is needed for redis+cluster: every subject path starts at its
+        # org (org cannot be skipped, see _level_rule), and the Redis ledger hash-tags
+        # every key with that org, so no budget path can span two cluster slots.
+        try:
+            parse_redis_url(url)
+        except ValueError as exc:
+            r.fail("ledger.url", f"{exc} (memory://, redis://, rediss:// or redis+cluster://)",
+                   redact_url(url))  # fmt: skip
     return Policy(
         source=file,
         timezone=tz,
@@ -385,6 +431,13 @@ def parse_policy(data: Any, file: str) -> Policy:
         requests=_requests(r, top.get("requests", {})),
         reservations=_reservations(r, top.get("reservations", {})),
         ledger_url=url,
+        breaker=parse_breaker(r, ledger.get("breaker", {})),
+        rates=rates,
+        pricing=pricing,
+        queue=parse_queue(r, top.get("queue", {})),
+        schedule=parse_schedule(r, top["schedule"]) if "schedule" in top else None,
+        audit=parse_audit(r, top["audit"], base) if "audit" in top else AuditPolicy(),
+        alerts=parse_alerts(r, top["alerts"]) if "alerts" in top else AlertPolicy(),
     )
 
 

@@ -5,6 +5,7 @@ Nothing here parses YAML or reads files; see :mod:`authz.policy.loader`.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -13,6 +14,9 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from authz.identity.settings import IdentitySettings
+from authz.policy.admission import Pricing, QueuePolicy, Rate, Schedule, matches
+from authz.policy.ledger_settings import BreakerSettings
+from authz.policy.observability import AlertPolicy, AuditPolicy
 from authz.usage.types import TokenUsage
 
 __all__ = [
@@ -125,6 +129,9 @@ class Budget:
     period: Period
     weights: Weights
     specificity: int  # how many exact (non-"*") names the match has
+    unit: Literal["tokens", "cost"] = "tokens"  # cost: micro-units of the pricing currency
+    soft_grace: int = 0  # units admitted past `tokens` with a warning, then hard
+    burst: int = 0  # units borrowable from the next period, which opens with that debt
 
     def applies_to(self, path: SubjectPath) -> bool:
         for level, want in self.match:
@@ -140,30 +147,38 @@ class ModelRule:
     max_output_tokens: int  # reserved when the request names no max_tokens
 
 
+@functools.lru_cache(maxsize=4096)  # bounded: clients choose model strings
+def _first_rule(rules: tuple[ModelRule, ...], model: str) -> ModelRule | None:
+    for rule in rules:
+        if fnmatchcase(model, rule.pattern):
+            return rule
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPolicy:
     rules: tuple[ModelRule, ...] = ()
     unknown: Literal["deny", "default"] = "deny"
     unknown_max_output_tokens: int = 0
 
+    def rule_for(self, model: str | None) -> ModelRule | None:
+        """The first rule whose pattern matches (cached: asked several times per check)."""
+        return None if model is None else _first_rule(self.rules, model)
+
     def default_output(self, model: str | None) -> int | None:
         """The output reservation for a model with no max_tokens; None means deny."""
-        if model is not None:
-            for rule in self.rules:
-                if fnmatchcase(model, rule.pattern):
-                    return rule.max_output_tokens
+        rule = self.rule_for(model)
+        if rule is not None:
+            return rule.max_output_tokens
         return self.unknown_max_output_tokens if self.unknown == "default" else None
 
     def label(self, model: str | None) -> str:
         """A bounded metric label: the rule that matched, never the raw client string."""
-        if model is not None:
-            for rule in self.rules:
-                if fnmatchcase(model, rule.pattern):
-                    return rule.pattern
-        return "other"
+        rule = self.rule_for(model)
+        return rule.pattern if rule is not None else "other"
 
     def is_known(self, model: str | None) -> bool:
-        return model is not None and any(fnmatchcase(model, r.pattern) for r in self.rules)
+        return self.rule_for(model) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +207,34 @@ class Policy:
     requests: RequestPolicy
     reservations: ReservationPolicy
     ledger_url: str = "memory://"
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)  # ledger.breaker
+    rates: tuple[Rate, ...] = ()
+    pricing: Pricing = field(default_factory=Pricing)
+    queue: QueuePolicy = field(default_factory=QueuePolicy)
+    schedule: Schedule | None = None
+    audit: AuditPolicy = field(default_factory=AuditPolicy)
+    alerts: AlertPolicy = field(default_factory=AlertPolicy)
     _cache: dict[tuple[Node, ...], tuple[Budget, ...]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    _rate_cache: dict[tuple[Node, ...], tuple[Rate, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def rates_for(self, path: SubjectPath) -> tuple[Rate, ...]:
+        """Rates on the path; the most specific per level and kind, as for budgets."""
+        hit = self._rate_cache.get(path.nodes)
+        if hit is not None:
+            return hit
+        found = [r for r in self.rates if matches(r.match, path)]
+        best: dict[tuple[str, str], int] = {}
+        for r in found:
+            best[(r.level, r.kind)] = max(best.get((r.level, r.kind), -1), r.specificity)
+        chosen = tuple(r for r in found if r.specificity == best[(r.level, r.kind)])
+        if len(self._rate_cache) > 100_000:
+            self._rate_cache.clear()
+        self._rate_cache[path.nodes] = chosen
+        return chosen
 
     def budgets_for(self, path: SubjectPath) -> tuple[Budget, ...]:
         """Every budget on the caller's path.
@@ -206,11 +246,11 @@ class Policy:
         if hit is not None:
             return hit
         matching = [b for b in self.budgets if b.applies_to(path)]
-        best: dict[tuple[str, str], int] = {}
+        best: dict[tuple[str, str, str], int] = {}
         for b in matching:
-            slot = (b.level, b.period)
+            slot = (b.level, b.period, b.unit)
             best[slot] = max(best.get(slot, -1), b.specificity)
-        chosen = tuple(b for b in matching if b.specificity == best[(b.level, b.period)])
+        chosen = tuple(b for b in matching if b.specificity == best[(b.level, b.period, b.unit)])
         if len(self._cache) > 100_000:  # bounded: one entry per distinct path
             self._cache.clear()
         self._cache[path.nodes] = chosen

@@ -13,6 +13,8 @@ __all__ = ["PeriodWindows", "window"]
 
 
 def _start(period: str, local: datetime) -> datetime:
+    if period == "minute":
+        return local.replace(second=0, microsecond=0)
     if period == "hour":
         return local.replace(minute=0, second=0, microsecond=0)
     day = local.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -26,9 +28,10 @@ def _start(period: str, local: datetime) -> datetime:
 
 
 def _next(period: str, start: datetime) -> datetime:
-    if period == "hour":
+    if period in ("minute", "hour"):
         # Add in UTC: local wall-clock hours repeat or vanish at DST changes.
-        return (start.astimezone(ZoneInfo("UTC")) + timedelta(hours=1)).astimezone(start.tzinfo)
+        step = timedelta(minutes=1) if period == "minute" else timedelta(hours=1)
+        return (start.astimezone(ZoneInfo("UTC")) + step).astimezone(start.tzinfo)
     if period == "day":
         naive = start.replace(tzinfo=None) + timedelta(days=1)
     elif period == "week":
@@ -51,12 +54,18 @@ class PeriodWindows:
 
     def __init__(self, tz: ZoneInfo) -> None:
         self._tz = tz
-        self._cache: dict[str, tuple[float, float]] = {}
+        self._cache: dict[str, tuple[float, float, float]] = {}
 
     def get(self, period: str, now: float) -> tuple[float, float]:
+        start, end, _ = self.get_with_previous(period, now)
+        return start, end
+
+    def get_with_previous(self, period: str, now: float) -> tuple[float, float, float]:
+        """(start, end, previous window's start): burst payback needs the last window."""
         hit = self._cache.get(period)
         if hit is not None and hit[0] <= now < hit[1]:
             return hit
-        win = window(period, self._tz, now)
+        start, end = window(period, self._tz, now)
+        win = (start, end, window(period, self._tz, start - 0.5)[0])
         self._cache[period] = win
         return win

@@ -29,9 +29,14 @@ class PolicyStore:
         self.reloads = 0
         self.reload_failures = 0
         self._listeners: list[Callable[[Policy], None]] = []
+        self._failure_listeners: list[Callable[[PolicyError], None]] = []
 
     def on_change(self, listener: Callable[[Policy], None]) -> None:
         self._listeners.append(listener)
+
+    def on_failure(self, listener: Callable[[PolicyError], None]) -> None:
+        """Called with the error of each reload that failed (the audit trail records it)."""
+        self._failure_listeners.append(listener)
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -48,6 +53,8 @@ class PolicyStore:
         except PolicyError as exc:
             self.reload_failures += 1
             log.error("policy reload failed; keeping the last good policy: %s", exc)
+            for failed in self._failure_listeners:
+                failed(exc)
             return False
         self.current = policy
         self.reloads += 1

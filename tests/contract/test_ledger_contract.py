@@ -1,4 +1,10 @@
-"""One contract for every ledger backend; a new backend adds itself to LEDGERS."""
+"""One contract for every ledger backend; a new backend adds itself to LEDGERS.
+
+Redis backends run against real servers started once per session (tests/conftest.py),
+emptied before each test: one redis-server and a 3-master Redis Cluster, each with
+edge leases off (every call is one script) and on (the default: checks decided from
+leases, batched flushes). Missing Redis binaries fail these tests, never skip them.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +14,39 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from authz.clock import FakeClock
-from authz.ledger import Ledger, Limit, MemoryLedger, Refusal, Reservation
+from authz.ledger import Ledger, Limit, MemoryLedger, Refusal, Reservation, open_ledger
 from authz.policy.model import Weights
 from authz.usage.types import TokenUsage
 
-pytestmark = pytest.mark.unit
+Factory = Callable[[pytest.FixtureRequest, FakeClock], Ledger]
 
-LEDGERS: dict[str, Callable[[FakeClock], Ledger]] = {"memory": MemoryLedger}
+
+def _redis(server_fixture: str, query: str) -> Factory:
+    def make(request: pytest.FixtureRequest, clock: FakeClock) -> Ledger:
+        return open_ledger(request.getfixturevalue(server_fixture).url + query, clock)
+
+    return make
+
+
+LEDGERS: dict[str, Factory] = {
+    "memory": lambda _, clock: MemoryLedger(clock),
+    "redis": _redis("redis_server", "?lease=off"),
+    "redis-leases": _redis("redis_server", "?lease_flush_ms=10"),
+    "cluster": _redis("redis_cluster", "?lease=off"),
+    "cluster-leases": _redis("redis_cluster", "?lease_flush_ms=10"),
+}
 ONE = Weights()
 
 
-@pytest.fixture(params=sorted(LEDGERS))
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=pytest.mark.unit if name == "memory" else pytest.mark.integration)
+        for name in sorted(LEDGERS)
+    ]
+)
 async def env(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Ledger, FakeClock]]:
     clock = FakeClock()
-    ledger = LEDGERS[request.param](clock)
+    ledger = LEDGERS[request.param](request, clock)
     yield ledger, clock
     await ledger.close()
 
@@ -165,3 +190,151 @@ async def test_request_larger_than_budget_refused(env: tuple[Ledger, FakeClock])
         "r1", (org,), tok(11), deadline=clock.now() + 60, expiry_charge=tok(0)
     )
     assert isinstance(out, Refusal) and out.remaining == 10
+
+
+# -- limits that count requests, open requests, and carry a burst's debt --------------
+
+
+async def test_per_request_units_count_requests(env: tuple[Ledger, FakeClock]) -> None:
+    ledger, clock = env
+    rpm = Limit("rpm|org:a|0", "rpm", "org:a", 2, clock.now() + 60, Weights(0, 0, 0), per_request=1)
+    for i in range(2):
+        out = await ledger.reserve(
+            f"q{i}", (rpm,), tok(500, 500), deadline=clock.now() + 60, expiry_charge=tok(0)
+        )
+        assert isinstance(out, Reservation) and out.units == (1,)
+        await ledger.settle(f"q{i}", tok(10, 10))
+    refused = await ledger.reserve(
+        "q3", (rpm,), tok(1), deadline=clock.now() + 60, expiry_charge=tok(0)
+    )
+    assert isinstance(refused, Refusal) and refused.remaining == 0
+    assert (await ledger.balance(rpm)).used == 2
+
+
+async def test_release_on_settle_frees_the_slot(env: tuple[Ledger, FakeClock]) -> None:
+    ledger, clock = env
+    conc = Limit(
+        "conc|org:a|c",
+        "conc",
+        "org:a",
+        1,
+        clock.now() + 600,
+        Weights(0, 0, 0),
+        per_request=1,
+        release_on_settle=True,
+    )
+    await ledger.reserve("c1", (conc,), tok(5), deadline=clock.now() + 60, expiry_charge=tok(5))
+    assert isinstance(
+        await ledger.reserve(
+            "c2", (conc,), tok(5), deadline=clock.now() + 60, expiry_charge=tok(5)
+        ),
+        Refusal,
+    )
+    await ledger.settle("c1", tok(5, 5))
+    assert (await ledger.balance(conc)).used == 0
+    assert isinstance(
+        await ledger.reserve(
+            "c3", (conc,), tok(5), deadline=clock.now() + 60, expiry_charge=tok(5)
+        ),
+        Reservation,
+    )
+    clock.advance(61)
+    assert await ledger.expire(clock.now()) == 1  # an expired hold frees the slot too
+    bal = await ledger.balance(conc)
+    assert (bal.used, bal.reserved) == (0, 0)
+
+
+async def test_burst_debt_carries_into_next_window(env: tuple[Ledger, FakeClock]) -> None:
+    ledger, clock = env
+    day1 = Limit("b|org:a|1", "b", "org:a", 150, clock.now() + 100, ONE, nominal=100)
+    await ledger.reserve("d1", (day1,), tok(140), deadline=clock.now() + 50, expiry_charge=tok(0))
+    await ledger.settle("d1", tok(140))
+    clock.advance(101)
+    day2 = Limit(
+        "b|org:a|2", "b", "org:a", 150, clock.now() + 100, ONE, carry_from="b|org:a|1", nominal=100
+    )
+    out = await ledger.reserve(
+        "d2", (day2,), tok(10), deadline=clock.now() + 50, expiry_charge=tok(0)
+    )
+    assert isinstance(out, Reservation) and out.remaining == (150 - 40 - 10,)
+
+
+# -- charge: usage that happened without a reservation (journal replay) -----------------
+
+
+async def test_charge_adds_weighted_usage_once(env: tuple[Ledger, FakeClock]) -> None:
+    ledger, clock = env
+    heavy = lim("org|a", 10_000, clock, Weights(input=1, cached_input=0.5, output=4))
+    plain = lim("user|u", 10_000, clock)
+    assert await ledger.charge("local:c1", (heavy, plain), TokenUsage(7, 4, 5)) is True
+    assert await ledger.charge("local:c1", (heavy, plain), TokenUsage(7, 4, 5)) is False
+    assert (await ledger.balance(heavy)).used == 29 and (await ledger.balance(plain)).used == 16
+    assert (await ledger.balance(plain)).reserved == 0
+
+
+async def test_charge_is_never_refused_and_counts_against_later_reserves(
+    env: tuple[Ledger, FakeClock],
+) -> None:
+    ledger, clock = env
+    org = lim("org|a", 10, clock)
+    assert await ledger.charge("local:c1", (org,), tok(50))
+    assert (await ledger.balance(org)).used == 50
+    out = await ledger.reserve(
+        "r1", (org,), tok(1), deadline=clock.now() + 60, expiry_charge=tok(0)
+    )
+    assert isinstance(out, Refusal) and out.remaining == 0
+
+
+async def test_charge_leaves_what_a_settle_would(env: tuple[Ledger, FakeClock]) -> None:
+    ledger, clock = env
+    rpm = Limit(
+        "rpm|org:a|0", "rpm", "org:a", 100, clock.now() + 60, Weights(0, 0, 0), per_request=1
+    )
+    conc = Limit("conc|org:a|c", "conc", "org:a", 5, clock.now() + 60, Weights(0, 0, 0),
+                 per_request=1, release_on_settle=True)  # fmt: skip
+    assert await ledger.charge("local:c1", (rpm, conc), tok(500, 500))
+    assert (await ledger.balance(rpm)).used == 1
+    assert (await ledger.balance(conc)).used == 0
+
+
+async def test_concurrent_charges_of_one_id_count_once(env: tuple[Ledger, FakeClock]) -> None:
+    ledger, clock = env
+    org = lim("org|a", 10_000, clock)
+    results = await asyncio.gather(
+        *(ledger.charge("local:same", (org,), tok(10)) for _ in range(20))
+    )
+    assert results.count(True) == 1
+    assert (await ledger.balance(org)).used == 10
+
+
+async def test_charge_ids_and_reservation_ids_do_not_collide(env: tuple[Ledger, FakeClock]) -> None:
+    ledger, clock = env
+    org = lim("org|a", 10_000, clock)
+    await ledger.reserve("x1", (org,), tok(100), deadline=clock.now() + 60, expiry_charge=tok(0))
+    assert await ledger.charge("x1", (org,), tok(5))
+    assert (await ledger.settle("x1", tok(7))).settled
+    bal = await ledger.balance(org)
+    assert (bal.used, bal.reserved) == (12, 0)
+
+
+# -- the ids and nodes the enforcer makes: "<32 hex>@<org>", paths from "org:<name>" -----
+
+
+async def test_enforcer_shaped_ids_and_paths(env: tuple[Ledger, FakeClock]) -> None:
+    ledger, clock = env
+    org = Limit("org-day|org:acme|0", "org-day", "org:acme", 1000, clock.now() + 3600, ONE)
+    user = Limit("user-day|org:acme/team:nlp/user:u|0", "user-day", "org:acme/team:nlp/user:u",
+                 100, clock.now() + 3600, ONE)  # fmt: skip
+    other = Limit("org-day|org:beta|0", "org-day", "org:beta", 1000, clock.now() + 3600, ONE)
+    rid, rid_beta = f"{7:032x}@acme", f"{8:032x}@beta"
+    res = await ledger.reserve(rid, (org, user), tok(60), deadline=clock.now() + 60,
+                               expiry_charge=tok(0))  # fmt: skip
+    assert isinstance(res, Reservation) and res.remaining == (940, 40)
+    beta = await ledger.reserve(rid_beta, (other,), tok(5), deadline=clock.now() + 60,
+                                expiry_charge=tok(0))  # fmt: skip
+    assert isinstance(beta, Reservation)
+    assert (await ledger.settle(rid, tok(30))).settled
+    assert (await ledger.settle(rid_beta, tok(5))).settled
+    assert not (await ledger.settle(rid, tok(30))).settled
+    assert ((await ledger.balance(user)).used, (await ledger.balance(org)).used) == (30, 30)
+    assert (await ledger.balance(other)).used == 5

@@ -91,6 +91,8 @@ class AuthzService:
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Each service keeps its journal in its own workdir, never in the shared checkout.
+        env.setdefault("AUTHZ_STATE_DIR", str(self.workdir))
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self._proc = subprocess.Popen(
