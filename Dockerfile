@@ -4,7 +4,12 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY authz ./authz
-RUN pip install --no-cache-dir --prefix=/install .
+# xds-protos overwrites opentelemetry-proto's files with older ones: put them back.
+RUN pip install --no-cache-dir --prefix=/install . \
+ && PYTHONPATH=$(echo /install/lib/python3*/site-packages) python -c \
+    'import importlib.metadata as m; print(m.version("opentelemetry-proto"))' > /tmp/otelv \
+ && pip install --no-cache-dir --prefix=/install --no-deps --force-reinstall \
+    "opentelemetry-proto==$(cat /tmp/otelv)"
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

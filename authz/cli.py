@@ -73,6 +73,9 @@ def _supervise(args: argparse.Namespace) -> int:
         return 2
     commands = []
     for i in range(args.workers):
+        # Each worker journals (and on restart replays) only what it missed itself: one
+        # shared journal would be replayed once per worker.
+        state_dir = os.path.join(args.state_dir, f"worker-{i}")  # the journal creates it
         cmd = [
             sys.executable, "-m", "authz", "serve",
             "--config", args.config,
@@ -80,7 +83,7 @@ def _supervise(args: argparse.Namespace) -> int:
             "--http-address", admin_address(args.http_address, i),
             "--log-level", args.log_level,
             "--worker-index", str(i),
-            "--state-dir", args.state_dir,
+            "--state-dir", state_dir,
         ]  # fmt: skip
         if args.ledger:
             cmd += ["--ledger", args.ledger]
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument(
         "--state-dir",
         default=os.environ.get("AUTHZ_STATE_DIR", "."),
-        help="where relative state paths (the usage journal) live; default: the working dir",
+        help="where relative state paths (the usage journal) live; default: the working dir."
+        " With --workers N, worker i uses DIR/worker-i",
     )
     s.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "info"))
     s.add_argument(

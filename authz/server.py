@@ -125,6 +125,7 @@ async def serve(opts: ServeOptions) -> None:
     server.add_insecure_port(opts.grpc_address)
 
     ready = False
+
     def ledger_details() -> dict[str, object]:
         if breaker is None:
             return {"ledger": {"backend": type(inner).__name__}}

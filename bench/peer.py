@@ -154,7 +154,7 @@ def compare(workdir: Path, policy: Path, requests: Path, opts: Any) -> list[dict
                 )
             finally:
                 terminate(proc, 10)
-            title = f"LiteLLM {_version(exe)} proxy (no key, no DB) -> fake upstream"
+            title = f"LiteLLM {_version(exe)} (no key, no DB) -> fake upstream"
             rows.append({"key": "p/litellm", "title": title, **result.as_dict()})
             print(f"  p/litellm: {result.rps:,.0f} req/s p99 {result.p99_ms:.2f} ms"
                   f" failed {result.failed}", flush=True)  # fmt: skip

@@ -27,7 +27,7 @@ from authz.ledger import Limit, open_ledger
 from authz.ledger.redis.ledger import RedisLedger
 from authz.policy.model import Weights
 from tests.e2e.spine_env import metric, token
-from tests.support.envoy_proc import EnvoyProcess, Mutator, cluster
+from tests.support.envoy_proc import EnvoyProcess, Mutator, cluster, http_filter
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.jwks_server import JwksServer
 from tests.support.ports import free_port
@@ -57,7 +57,9 @@ models:
   rules: [{{match: "gpt-*", max_output_tokens: 50}}]
   unknown: deny
 ledger:
-  breaker: {{journal_path: {journal}}}
+  # Generous timeouts: this module proves budget exactness across replicas, not how
+  # the breaker reacts to a starved 2-core test machine (tests/integration does that).
+  breaker: {{journal_path: {journal}, call_timeout_s: 0.5}}
 """
 
 
@@ -76,6 +78,7 @@ def envoy_mutate(replica_ports: tuple[int, int]) -> Mutator:
     def both(cfg: dict[str, Any]) -> None:
         authz = cluster(cfg, "authz")
         authz["lb_policy"] = "ROUND_ROBIN"
+        http_filter(cfg, "envoy.filters.http.ext_authz")["grpc_service"]["timeout"] = "2s"
         authz["load_assignment"]["endpoints"] = [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
                                                          "port_value": port}}}}
@@ -172,10 +175,8 @@ def test_concurrent_checks_on_two_replicas_never_exceed_a_hard_budget(
     with ThreadPoolExecutor(len(clients)) as pool:
         codes = list(pool.map(one, clients))
     http.close()
-    assert set(codes) <= {200, 429, 503}, codes
-    assert codes.count(200) <= HARD // RESERVE == 10  # never more than the budget
-    if 503 not in codes:  # (a starved test machine can time out Envoy's 250 ms checks)
-        assert codes.count(200) == 10 and codes.count(429) == 30  # and exactly all of it
+    assert codes.count(200) == HARD // RESERVE == 10, codes  # never more than the budget
+    assert codes.count(429) == 30, codes  # ... and exactly all of it
     _, held, _ = counter_and_rollup(redis, "hard-day", "hard")
     assert held <= HARD
 
