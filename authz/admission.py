@@ -20,7 +20,7 @@ from authz.ledger.base import Limit
 from authz.policy.model import Budget, Policy, SubjectPath, Weights
 from authz.policy.periods import PeriodWindows
 
-__all__ = ["AdmissionQueue", "PlannedLimit", "QueueFull", "plan_limits"]
+__all__ = ["AdmissionQueue", "LimitPlanner", "PlannedLimit", "QueueFull", "plan_limits"]
 
 T = TypeVar("T")
 _COUNT = Weights(0.0, 0.0, 0.0)  # requests and concurrency count requests, not tokens
@@ -76,6 +76,42 @@ def plan_limits(
                           per_request=per_request)  # fmt: skip
         planned.append(PlannedLimit(limit, True))
     return tuple(planned)
+
+
+class LimitPlanner:
+    """Caches each subject's plan until its first window ends (or the policy changes).
+
+    The plan depends on the path, the policy, the current windows and, for cost budgets,
+    the model's price; the hot path would otherwise rebuild the same limits per check.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._cache: dict[tuple[object, ...], tuple[float, tuple[PlannedLimit, ...]]] = {}
+        self._policy: Policy | None = None
+        self._max = max_entries
+
+    def plan(self, policy: Policy, subject: SubjectPath, model: str | None,
+             windows: PeriodWindows, now: float) -> tuple[PlannedLimit, ...]:  # fmt: skip
+        if policy is not self._policy:
+            self._cache.clear()
+            self._policy = policy
+        price = None
+        if policy.has_cost_budgets:
+            found = policy.pricing.for_model(model)
+            price = found.pattern if found is not None else None
+        key = (subject.nodes, price)
+        hit = self._cache.get(key)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        planned = plan_limits(policy, subject, model, windows, now)
+        # Valid until the first window ends; concurrency counters have no window, but
+        # their garbage-collection horizon moves with time: re-plan at least each minute.
+        until = min([p.limit.window_end for p in planned if not p.limit.release_on_settle],
+                    default=now + 60.0)  # fmt: skip
+        if len(self._cache) >= self._max:
+            self._cache.clear()
+        self._cache[key] = (min(until, now + 60.0), planned)
+        return planned
 
 
 class QueueFull(Exception):

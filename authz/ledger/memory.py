@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Any
 
 from authz.clock import Clock
 from authz.ledger.base import Balance, Limit, Refusal, Reservation, SettleOutcome
@@ -34,19 +35,45 @@ class _Open:
     expiry_charge: TokenUsage
 
 
-class MemoryLedger:
-    """Counters and reservations in dicts, bounded: old windows and settled ids are pruned."""
+def _forget(memory: dict[str, Any], now: float, cap: int) -> None:
+    """Drop entries from the front of an insertion-ordered dict whose last field is a
+    forget-at time: all that are due, and the oldest beyond ``cap``."""
+    while memory:
+        key = next(iter(memory))
+        entry = memory[key]
+        due = entry if isinstance(entry, float) else entry[-1]
+        if due > now and len(memory) <= cap:
+            return
+        del memory[key]
 
-    def __init__(self, clock: Clock, *, remember_settled_s: float = 3600.0) -> None:
+
+class MemoryLedger:
+    """Counters and reservations in dicts; every structure is bounded so memory stays
+    flat however many checks pass: windows end, settled ids are forgotten, and each
+    memory of closed reservations has a cap as well as an age."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        remember_settled_s: float = 600.0,
+        remember_expired_s: float = 3600.0,
+        max_remembered: int = 200_000,
+    ) -> None:
         self._clock = clock
         self._counters: dict[str, _Counter] = {}
+        self._ends: list[tuple[float, str]] = []  # (window_end, key): when a counter may go
         self._open: dict[str, _Open] = {}
-        # Settled or expired reservations, kept a while so a repeated settle is a no-op
-        # and a late settle can correct an expiry charge: id -> (limits, charged, forget_at).
-        self._closed: dict[str, tuple[tuple[Limit, ...], tuple[int, ...], float, bool]] = {}
         self._deadlines: list[tuple[float, str]] = []
+        # Settled ids (so a repeated settle is a no-op): id -> forget_at, oldest first.
+        self._settled: dict[str, float] = {}
+        # Expired reservations, so a late settle can correct the expiry charge:
+        # id -> (limits, charged, forget_at). Rare, but capped all the same.
+        self._expired: dict[str, tuple[tuple[Limit, ...], tuple[int, ...], float]] = {}
         self._charges: dict[str, float] = {}  # charge id -> forget_at, like settled ids
-        self._remember_s = remember_settled_s
+        self._settled_s = remember_settled_s
+        self._expired_s = remember_expired_s
+        self._cap = max_remembered
         self._next_prune = 0.0
         # Overdrafts of pruned burst windows: key -> (debt, forget_at).
         self._debts: dict[str, tuple[int, float]] = {}
@@ -57,6 +84,7 @@ class MemoryLedger:
             c = self._counters[limit.key] = _Counter(
                 limit.amount, limit.window_end, nominal=limit.nominal
             )
+            heapq.heappush(self._ends, (limit.window_end, limit.key))
             if limit.carry_from is not None:
                 # Burst payback: what the last window spent beyond its nominal amount is
                 # this window's opening debt.
@@ -104,18 +132,18 @@ class MemoryLedger:
                 if c is not None:
                     c.reserved -= held
                     c.used += spent
-            self._remember(reservation_id, res.limits, charged, late_fixable=False)
+            self._settled[reservation_id] = self._clock.now() + self._settled_s
             return SettleOutcome(settled=True)
-        closed = self._closed.get(reservation_id)
-        if closed is not None and closed[3]:
+        expired = self._expired.pop(reservation_id, None)
+        if expired is not None:
             # Expired earlier and charged the expiry amount: correct it to the real usage.
-            limits, charged, _, _ = closed
+            limits, charged, _ = expired
             real = tuple(lim.settled_units(actual) for lim in limits)
             for lim, was, now in zip(limits, charged, real, strict=True):
                 c = self._counters.get(lim.key)
                 if c is not None:
                     c.used += now - was
-            self._remember(reservation_id, limits, real, late_fixable=False)
+            self._settled[reservation_id] = self._clock.now() + self._settled_s
             return SettleOutcome(settled=True, late=True)
         return SettleOutcome(settled=False)
 
@@ -132,7 +160,7 @@ class MemoryLedger:
                 if c is not None:
                     c.reserved -= held
                     c.used += spent
-            self._remember(rid, res.limits, charged, late_fixable=True)
+            self._expired[rid] = (res.limits, charged, now + self._expired_s)
             count += 1
         return count
 
@@ -141,7 +169,7 @@ class MemoryLedger:
             return False
         for lim in limits:
             self._counter(lim).used += lim.settled_units(actual)
-        self._charges[charge_id] = self._clock.now() + self._remember_s
+        self._charges[charge_id] = self._clock.now() + self._expired_s
         return True
 
     async def balance(self, limit: Limit) -> Balance:
@@ -153,29 +181,35 @@ class MemoryLedger:
     async def close(self) -> None:
         return None
 
-    def _remember(
-        self, rid: str, limits: tuple[Limit, ...], charged: tuple[int, ...], *, late_fixable: bool
-    ) -> None:
-        self._closed[rid] = (limits, charged, self._clock.now() + self._remember_s, late_fixable)
-
     def _maintain(self) -> None:
-        # Pruning is amortised: at most once a second, on the reserve path.
+        # Amortised: at most once a second, on the reserve path, and never a scan of
+        # everything: heaps say which counters' windows ended, dicts are oldest-first.
         now = self._clock.now()
         if now < self._next_prune:
             return
         self._next_prune = now + 1.0
-        held = {k for r in self._open.values() for k in r.keys}
-        for key in [k for k, c in self._counters.items() if c.window_end <= now and k not in held]:
-            c = self._counters.pop(key)
+        while self._ends and self._ends[0][0] <= now:
+            _, key = heapq.heappop(self._ends)
+            c = self._counters.get(key)
+            if c is None:
+                continue
+            if c.reserved > 0 or c.window_end > now:  # still held, or re-created later
+                heapq.heappush(self._ends, (max(c.window_end, now + 60.0), key))
+                continue
+            del self._counters[key]
             if c.nominal and c.used > c.nominal:
                 # A month can pass before the next window's first request: keep the debt.
                 self._debts[key] = (c.used - c.nominal, now + 40 * 86400)
         for key in [k for k, (_, forget) in self._debts.items() if forget <= now]:
             del self._debts[key]
-        for rid in [r for r, v in self._closed.items() if v[2] <= now]:
-            del self._closed[rid]
-        for cid in [c for c, forget in self._charges.items() if forget <= now]:
-            del self._charges[cid]
+        _forget(self._settled, now, self._cap)
+        _forget(self._expired, now, self._cap)
+        _forget(self._charges, now, self._cap)
+        if len(self._deadlines) > 2 * len(self._open) + 1024:
+            # Settled reservations leave their deadline in the heap: rebuild it from the
+            # open ones before it outgrows them.
+            self._deadlines = [(r.deadline, rid) for rid, r in self._open.items()]
+            heapq.heapify(self._deadlines)
 
     # Introspection for tests and the admin API.
     @property

@@ -6,6 +6,7 @@ price, who waits first when a rate is reached, and what yields during peak hours
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, time
 from fnmatch import fnmatchcase
@@ -58,6 +59,14 @@ class Price:
         return Weights(self.input, self.cached_input, self.output)
 
 
+@functools.lru_cache(maxsize=4096)  # bounded: clients choose model strings
+def _first_price(prices: tuple[Price, ...], model: str) -> Price | None:
+    for price in prices:
+        if fnmatchcase(model, price.pattern):
+            return price
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Pricing:
     currency: str = "USD"
@@ -66,9 +75,9 @@ class Pricing:
 
     def for_model(self, model: str | None) -> Price | None:
         if model is not None:
-            for price in self.prices:
-                if fnmatchcase(model, price.pattern):
-                    return price
+            found = _first_price(self.prices, model)
+            if found is not None:
+                return found
         return self.unpriced
 
 

@@ -5,7 +5,6 @@ Nothing here parses YAML or reads files; see :mod:`authz.policy.loader`.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -147,23 +146,28 @@ class ModelRule:
     max_output_tokens: int  # reserved when the request names no max_tokens
 
 
-@functools.lru_cache(maxsize=4096)  # bounded: clients choose model strings
-def _first_rule(rules: tuple[ModelRule, ...], model: str) -> ModelRule | None:
-    for rule in rules:
-        if fnmatchcase(model, rule.pattern):
-            return rule
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class ModelPolicy:
     rules: tuple[ModelRule, ...] = ()
     unknown: Literal["deny", "default"] = "deny"
     unknown_max_output_tokens: int = 0
+    _memo: dict[str, ModelRule | None] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     def rule_for(self, model: str | None) -> ModelRule | None:
-        """The first rule whose pattern matches (cached: asked several times per check)."""
-        return None if model is None else _first_rule(self.rules, model)
+        """The first rule whose pattern matches (memoised: asked several times per check)."""
+        if model is None:
+            return None
+        try:
+            return self._memo[model]
+        except KeyError:
+            pass
+        found = next((r for r in self.rules if fnmatchcase(model, r.pattern)), None)
+        if len(self._memo) >= 4096:  # bounded: clients choose the model strings
+            self._memo.clear()
+        self._memo[model] = found
+        return found
 
     def default_output(self, model: str | None) -> int | None:
         """The output reservation for a model with no max_tokens; None means deny."""
@@ -220,6 +224,10 @@ class Policy:
     _rate_cache: dict[tuple[Node, ...], tuple[Rate, ...]] = field(
         default_factory=dict, compare=False, repr=False
     )
+
+    @property
+    def has_cost_budgets(self) -> bool:
+        return any(b.unit == "cost" for b in self.budgets)
 
     def rates_for(self, path: SubjectPath) -> tuple[Rate, ...]:
         """Rates on the path; the most specific per level and kind, as for budgets."""

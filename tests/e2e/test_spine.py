@@ -216,7 +216,8 @@ def test_fifty_concurrent_requests_budget_for_ten_admit_ten(
     # (TLS contexts and all) inside the burst would starve the 2-core machine's service
     # of CPU and measure the test's client, not the gateway.
     http = openai.DefaultHttpxClient()
-    headers = {"x-fake-chunk-delay-ms": "200", "x-fake-words": "3"}
+    # ~3 s streams: no admitted request settles (freeing budget) before the burst is decided.
+    headers = {"x-fake-chunk-delay-ms": "1000", "x-fake-words": "3"}
     clients = [
         openai.OpenAI(base_url=gw.url + "/v1", api_key=token(rsa, f"burst-{i}", "burst"),
                       max_retries=0, default_headers=headers, timeout=20, http_client=http)

@@ -155,7 +155,9 @@ def test_concurrent_checks_on_two_replicas_never_exceed_a_hard_budget(
 ) -> None:
     # Slow streams keep every admitted reservation open while the other checks arrive.
     http = openai.DefaultHttpxClient()
-    headers = {"x-fake-chunk-delay-ms": "150", "x-fake-words": "3"}
+    # Streams of ~3 s: every check of the burst happens while all admitted ones are open
+    # (a settlement would free budget and let a later check in, legitimately).
+    headers = {"x-fake-chunk-delay-ms": "1000", "x-fake-words": "3"}
     clients = [
         openai.OpenAI(base_url=gw.url + "/v1", api_key=token(rsa, f"h{i}", "hard"),
                       max_retries=0, default_headers=headers, timeout=20, http_client=http)
