@@ -31,17 +31,61 @@ log = logging.getLogger("authz.breaker")
 T = TypeVar("T")
 
 
-async def _bounded(call: Callable[[], Awaitable[T]], limit_s: float) -> T:
+class LoopLag:
+    """How late this event loop runs its callbacks right now, sampled every 10 ms.
+
+    A call that misses its timeout because the process is saturated (every Check waits
+    its turn on one loop) says nothing about the store; counting it would open the
+    breaker under load and turn an overload into an outage. One timer callback per
+    10 ms, nothing per call.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self._interval = interval_s
+        self.lag = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def ensure_running(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first call, or a new loop (tests)
+            self._loop = loop
+            self._due = loop.time() + self._interval
+            loop.call_at(self._due, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop or loop.is_closed():
+            return
+        late = loop.time() - self._due
+        self.lag = max(late, self.lag * 0.8)  # a spike decays over ~10 samples
+        self._due = loop.time() + self._interval
+        loop.call_at(self._due, self._tick, loop)
+
+
+async def _bounded(call: Callable[[], Awaitable[T]], limit_s: float, lag: LoopLag) -> T:
     """``call()`` within ``limit_s``, a hard bound: it runs as a task of its own, so a
     backend slow to honour a cancel (Python 3.11's wait_for can even swallow one) cannot
-    hold the request past the timeout. The abandoned task is cancelled, not awaited."""
+    hold the request past the timeout. The abandoned task is cancelled, not awaited.
+
+    While the loop itself runs late (the process is saturated), the bound stretches by
+    that lateness, up to 4x ``limit_s``: the store is not why the answer is late."""
+    lag.ensure_running()
+    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(call())
+    start = loop.time()
+    deadline = start + limit_s
     try:
-        async with asyncio.timeout(limit_s):
-            return await asyncio.shield(task)
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await asyncio.shield(task)
+            except TimeoutError:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    return task.result()  # answered in time; the loop was late to say so
+                stretched = min(start + limit_s + lag.lag, start + 4 * limit_s)
+                if stretched <= deadline:
+                    raise
+                deadline = stretched
     except TimeoutError:
-        if task.done() and not task.cancelled() and task.exception() is None:
-            return task.result()  # answered in time; the loop was late to say so (a stall)
         task.cancel()
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         raise
@@ -129,6 +173,7 @@ class Circuit:
         self.opened = 0  # times opened since start
         self.rejected = 0  # calls kept from the store
         self.last_error = ""
+        self._lag = LoopLag()
 
     @property
     def state(self) -> BreakerState:
@@ -156,7 +201,7 @@ class Circuit:
             self.rejected += 1
             raise NoAnswer(f"breaker {self.state.name.lower()}", asked=False)
         try:
-            result = await _bounded(fn, limit_s)
+            result = await _bounded(fn, limit_s, self._lag)
         except (LedgerUnavailable, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {limit_s * 1000:g} ms"
             self.failure(ticket, reason)
