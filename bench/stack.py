@@ -7,6 +7,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -80,7 +81,9 @@ def _redis(workdir: Path) -> Iterator[str]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
         wait_port("127.0.0.1", port)
-        yield f"redis://127.0.0.1:{port}/0"
+        # BENCH_REDIS_QUERY="?lease=off" measures Redis without edge leases.
+        query = os.environ.get("BENCH_REDIS_QUERY", "")
+        yield f"redis://127.0.0.1:{port}/0{query}"
     finally:
         terminate(proc, 5)
 

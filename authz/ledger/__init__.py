@@ -20,7 +20,7 @@ __all__ = [
 
 def open_ledger(url: str, clock: Clock) -> Ledger:
     """``memory://``, or ``redis://`` / ``rediss://`` / ``redis+cluster://`` (see
-    :mod:`authz.ledger.redis.config`; with ``lease=on``, the default, wrapped in edge
+    :mod:`authz.ledger.redis.config`; with ``lease=on``, wrapped in edge
     leases). ``ValueError`` for a bad URL; nothing connects until the first call."""
     if url.startswith("memory://"):
         return MemoryLedger(clock)

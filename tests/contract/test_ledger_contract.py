@@ -31,9 +31,9 @@ def _redis(server_fixture: str, query: str) -> Factory:
 LEDGERS: dict[str, Factory] = {
     "memory": lambda _, clock: MemoryLedger(clock),
     "redis": _redis("redis_server", "?lease=off"),
-    "redis-leases": _redis("redis_server", "?lease_flush_ms=10"),
+    "redis-leases": _redis("redis_server", "?lease=on&lease_flush_ms=10"),
     "cluster": _redis("redis_cluster", "?lease=off"),
-    "cluster-leases": _redis("redis_cluster", "?lease_flush_ms=10"),
+    "cluster-leases": _redis("redis_cluster", "?lease=on&lease_flush_ms=10"),
 }
 ONE = Weights()
 

@@ -116,7 +116,7 @@ def replicas(
                                                 journal=workdir / "journal.jsonl"))
                 services.append(AuthzService(
                     policy, grpc_port=port, workdir=workdir,
-                    extra_args=["--ledger", f"{redis.url}?lease_flush_ms=20"],
+                    extra_args=["--ledger", f"{redis.url}?lease=on&lease_flush_ms=20"],
                 ).start())  # fmt: skip
             yield services
         finally:

@@ -72,7 +72,8 @@ def test_open_ledger_by_url() -> None:
     clock = FakeClock()
     assert isinstance(open_ledger("memory://", clock), MemoryLedger)
     assert isinstance(open_ledger("redis://127.0.0.1:1/0?lease=off", clock), RedisLedger)
-    assert isinstance(open_ledger("redis+cluster://127.0.0.1:1", clock), LeasedLedger)
+    assert isinstance(open_ledger("redis+cluster://127.0.0.1:1", clock), RedisLedger)  # default
+    assert isinstance(open_ledger("redis+cluster://127.0.0.1:1?lease=on", clock), LeasedLedger)
     with pytest.raises(ValueError, match="unsupported"):
         open_ledger("etcd://x", clock)
 

@@ -42,7 +42,7 @@ async def reserve(ledger: Ledger, clock: FakeClock, i: int) -> object:
                                 deadline=clock.now() + 60, expiry_charge=ZERO)  # fmt: skip
 
 
-@pytest.mark.parametrize("query", ["lease=off", "lease_flush_ms=10"])
+@pytest.mark.parametrize("query", ["lease=off", "lease=on&lease_flush_ms=10"])
 async def test_restart_between_two_requests_reloads_scripts(
     own_redis: RedisServer, query: str
 ) -> None:
@@ -61,7 +61,7 @@ async def test_restart_between_two_requests_reloads_scripts(
         await ledger.close()
 
 
-@pytest.mark.parametrize("query", ["lease=off", "lease_flush_ms=10"])
+@pytest.mark.parametrize("query", ["lease=off", "lease=on&lease_flush_ms=10"])
 async def test_redis_down_is_ledger_unavailable(own_redis: RedisServer, query: str) -> None:
     clock = FakeClock()
     ledger = open_ledger(f"{own_redis.url}?{query}", clock)
@@ -121,7 +121,7 @@ async def test_cluster_nodes_that_forgot_the_scripts(redis_cluster: RedisCluster
     # What a failover to a fresh replica looks like to the client: NOSCRIPT on the slot's
     # node. The scripts load themselves there and the call goes through.
     clock = FakeClock()
-    ledger = open_ledger(f"{redis_cluster.url}?lease_flush_ms=10", clock)
+    ledger = open_ledger(f"{redis_cluster.url}?lease=on&lease_flush_ms=10", clock)
     try:
         assert isinstance(await reserve(ledger, clock, 1), Reservation)
         for node in redis_cluster.nodes:

@@ -30,7 +30,7 @@ Replicas = Callable[..., list[LeasedLedger]]
 async def replicas(redis_server: RedisServer) -> AsyncIterator[Replicas]:
     made: list[LeasedLedger] = []
 
-    def make(n: int = 2, query: str = "lease_flush_ms=10", clock: FakeClock | None = None,
+    def make(n: int = 2, query: str = "lease=on&lease_flush_ms=10", clock: FakeClock | None = None,
              url: str | None = None) -> list[LeasedLedger]:  # fmt: skip
         for _ in range(n):
             ledger = open_ledger(f"{url or redis_server.url}?{query}", clock or FakeClock())
@@ -104,7 +104,7 @@ async def test_steady_load_is_decided_locally(replicas: Replicas, redis_server: 
 
 async def test_last_budget_is_spendable_by_whichever_replica_asks(replicas: Replicas) -> None:
     clock = FakeClock()
-    a, b = replicas(2, query="lease_flush_ms=10&lease_fraction=0.5", clock=clock)
+    a, b = replicas(2, query="lease=on&lease_flush_ms=10&lease_fraction=0.5", clock=clock)
     org = org_limit(1000, clock)
     # a takes a big lease (half of what is left) and spends from it...
     first = await a.reserve(rid(1), (org,), TokenUsage(100, 0, 0), deadline=clock.now() + 600,
@@ -129,7 +129,7 @@ async def test_last_budget_is_spendable_by_whichever_replica_asks(replicas: Repl
 
 async def test_near_exhaustion_leases_shrink_and_return(replicas: Replicas) -> None:
     clock = FakeClock()
-    a, b = replicas(2, query="lease_flush_ms=10&lease_fraction=0.5", clock=clock)
+    a, b = replicas(2, query="lease=on&lease_flush_ms=10&lease_fraction=0.5", clock=clock)
     org = org_limit(1000, clock)
     out = await a.reserve(rid(1), (org,), TokenUsage(10, 0, 0), deadline=clock.now() + 600,
                           expiry_charge=ZERO)  # fmt: skip
@@ -157,7 +157,7 @@ async def test_two_replicas_under_concurrency_never_overshoot(
 ) -> None:
     url = request.getfixturevalue("redis_cluster").url if backend == "cluster" else None
     clock = FakeClock()
-    a, b = replicas(2, query="lease_flush_ms=5&lease_fraction=0.2", clock=clock, url=url)
+    a, b = replicas(2, query="lease=on&lease_flush_ms=5&lease_fraction=0.2", clock=clock, url=url)
     org = org_limit(20_000, clock)
     sizes = random.Random(7).choices(range(1, 200), k=600)
 
@@ -192,8 +192,8 @@ async def test_two_replicas_under_concurrency_never_overshoot(
 async def test_settle_on_another_replica_before_the_owner_flushed(replicas: Replicas) -> None:
     clock = FakeClock()
     # A slow flush on the owner: the settle arrives at b while a still holds it locally.
-    (a,) = replicas(1, query="lease_flush_ms=150", clock=clock)
-    (b,) = replicas(1, query="lease_flush_ms=10", clock=clock)
+    (a,) = replicas(1, query="lease=on&lease_flush_ms=150", clock=clock)
+    (b,) = replicas(1, query="lease=on&lease_flush_ms=10", clock=clock)
     org = org_limit(100_000, clock)
     out = await a.reserve(rid(1), (org,), TokenUsage(500, 0, 0), deadline=clock.now() + 600,
                           expiry_charge=ZERO)  # fmt: skip
@@ -208,7 +208,7 @@ async def test_settle_on_another_replica_before_the_owner_flushed(replicas: Repl
 
 async def test_dead_replica_lease_counts_as_spent(replicas: Replicas) -> None:
     clock = FakeClock()
-    a, b = replicas(2, query="lease_flush_ms=10&lease_ttl=5&lease_fraction=0.5", clock=clock)
+    a, b = replicas(2, query="lease=on&lease_flush_ms=10&lease_ttl=5&lease_fraction=0.5", clock=clock)
     org = org_limit(1000, clock)
     await a.reserve(rid(1), (org,), TokenUsage(10, 0, 0), deadline=clock.now() + 600,
                     expiry_charge=ZERO)  # fmt: skip

@@ -22,7 +22,7 @@ ORG, TEAM = "org:acme", "org:acme/team:nlp"
 ONE = Weights()
 
 
-@pytest.fixture(params=["lease=off", "lease_flush_ms=10"])
+@pytest.fixture(params=["lease=off", "lease=on&lease_flush_ms=10"])
 async def ledger(
     request: pytest.FixtureRequest, redis_server: RedisServer
 ) -> AsyncIterator[tuple[RedisLedger | LeasedLedger, FakeClock]]:
