@@ -18,7 +18,7 @@ from pathlib import Path
 from bench.scenario import REQUEST_BODY, EnvoyShape, envoy_mutator, user_token
 from bench.wrk import BenchError
 from tests.support.envoy_proc import EnvoyProcess, render_envoy_config
-from tests.support.ports import free_port, wait_port
+from tests.support.ports import free_port, free_ports_in_a_row, wait_port
 from tests.support.procs import terminate, wait_until
 from tests.support.service import AuthzService
 
@@ -145,7 +145,13 @@ def running(cfg: Config, workdir: Path, policy: Path) -> Iterator[Running]:
                 args += ["--ledger", stack.enter_context(_redis(workdir))]
             if cfg.workers > 1:
                 args += ["--workers", str(cfg.workers), "--split-memory-ledger"]
-            svc = AuthzService(policy, grpc_port=authz_port, extra_args=args, workdir=workdir)
+            svc = AuthzService(
+                policy,
+                grpc_port=authz_port,
+                extra_args=args,
+                workdir=workdir,
+                http_port=free_ports_in_a_row(cfg.workers),
+            )
             stack.enter_context(svc)
             for i in range(1, cfg.workers):  # worker i serves admin on http_port + i
                 url = f"http://127.0.0.1:{svc.http_port + i}/readyz"

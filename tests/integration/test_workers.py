@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,7 +15,7 @@ import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.ports import free_port
+from tests.support.ports import free_ports_in_a_row
 from tests.support.procs import wait_until
 from tests.support.service import REPO_ROOT, AuthzService
 
@@ -75,23 +74,14 @@ def _allowed(admin_port: int) -> float:
     return total
 
 
-def _free_pair() -> int:
-    """A port p with p + 1 free too: worker 1 serves its admin API on p + 1."""
-    while True:
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-
-
 def test_two_workers_answer_on_one_port(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(POLICY)
     args = ["--workers", "2", "--split-memory-ledger", "--log-level", "warning"]
     svc = AuthzService(
-        tmp_path / "policy.yaml", http_port=_free_pair(), extra_args=args, workdir=tmp_path
+        tmp_path / "policy.yaml",
+        http_port=free_ports_in_a_row(2),
+        extra_args=args,
+        workdir=tmp_path,
     )
     with svc:
         wait_until(lambda: _ready(svc.http_port + 1), timeout=20, what="worker 1 ready")

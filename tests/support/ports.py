@@ -20,6 +20,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_ports_in_a_row(count: int, host: str = "127.0.0.1") -> int:
+    """A port p with p+1 .. p+count-1 free too (`authz serve --workers N` puts worker i's
+    admin API on the --http-address port + i)."""
+    while True:
+        port = free_port(host)
+        taken = False
+        for extra in range(1, count):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((host, port + extra))
+                except OSError:
+                    taken = True
+                    break
+        if not taken:
+            return port
+
+
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Return once ``host:port`` accepts TCP connections; ``TimeoutError`` after ``timeout``."""
     deadline = time.monotonic() + timeout
