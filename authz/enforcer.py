@@ -13,10 +13,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from authz.admission import AdmissionQueue, LimitPlanner, PlannedLimit, QueueFull, Unpriced
+from authz.admission import AdmissionQueue, LimitPlanner, QueueFull, Unpriced
+from authz.answers import (
+    budget_denial,
+    local_denial,
+    quota_for,
+    rate_denial,
+    warnings_for,
+)
 from authz.apis import Api, api_for_path
 from authz.clock import Clock
-from authz.decision import Decision, DenyReason, Quota, Verdict
+from authz.decision import Decision, DenyReason, Verdict
 from authz.errors import BodyError, IdentityError, LedgerUnavailable
 from authz.estimate import RequestEstimate, estimate_request
 from authz.identity import Authenticator
@@ -42,13 +49,6 @@ class CheckInput:
     body: bytes | None
     body_truncated: bool = False
     envoy_jwt_payload: Mapping[str, Any] | None = None
-
-
-def _duration(seconds: float) -> str:
-    s = max(0, int(seconds + 0.999))
-    h, rest = divmod(s, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m}m{s}s" if h else (f"{m}m{s}s" if m else f"{s}s")
 
 
 class Enforcer:
@@ -283,9 +283,8 @@ class Enforcer:
                 reservation = await self._queue_for(policy, subject, claims, refusal, attempt)
         except QueueFull as exc:
             assert refusal is not None
-            return self._rate_denial(
-                allow, refusal, f"the wait queue is full ({exc})", "queue_full"
-            )
+            why = f"the wait queue is full ({exc})"
+            return rate_denial(allow, refusal, why, "queue_full", self._clock.now())
         except LedgerUnavailable as exc:
             # Debug only: the breaker (authz.ledger.breaker) logs each state change once;
             # a line per refused request would flood the log for the whole outage.
@@ -301,14 +300,17 @@ class Enforcer:
         if reservation is None:
             assert refusal is not None
             if refusal.retry_after_s is not None:
-                return self._local_denial(allow, refusal)
+                return local_denial(allow, refusal)
             if refusal.limit.key in rates:
                 waited = " after waiting the policy's max_wait" if policy.queue.max_wait_s else ""
-                return self._rate_denial(allow, refusal, f"rate limit reached{waited}", "")
-            return self._budget_denial(allow, refusal)
+                return rate_denial(
+                    allow, refusal, f"rate limit reached{waited}", "", self._clock.now()
+                )
+            return budget_denial(allow, refusal, self._clock.now())
         # reservation.id, not rid: a breaker admitting locally returns "local:<rid>".
-        return replace(allow, reservation_id=reservation.id, quota=self._quota(plan, reservation),
-                       warnings=_warnings(plan, reservation))  # fmt: skip
+        quota = quota_for(plan, reservation, self._clock.now())
+        warnings = warnings_for(plan, reservation)
+        return replace(allow, reservation_id=reservation.id, quota=quota, warnings=warnings)
 
     async def _queue_for(self, policy: Policy, subject: SubjectPath, claims: Mapping[str, Any],
                          refusal: Refusal, attempt: Any) -> Reservation | None:  # fmt: skip
@@ -319,59 +321,6 @@ class Enforcer:
             refusal.limit.key, priority, policy.queue.max_wait_s, attempt
         )
         return result
-
-    def _quota(self, plan: tuple[PlannedLimit, ...], res: Reservation) -> Quota | None:
-        # The x-ratelimit-*-tokens headers describe the token budget with the least left.
-        best: Quota | None = None
-        now = self._clock.now()
-        for p, left in zip(plan, res.remaining, strict=True):
-            if p.budget is None or p.budget.unit != "tokens":
-                continue
-            if best is None or left < best.remaining:
-                lim = p.limit
-                best = Quota(lim.budget, lim.node, lim.amount, left, max(0.0, lim.window_end - now))
-        return best
-
-    def _budget_denial(self, allow: Decision, refusal: Refusal) -> Decision:
-        lim = refusal.limit
-        reset = max(0.0, lim.window_end - self._clock.now())
-        msg = (
-            f"Token budget '{lim.budget}' for {lim.node} is exhausted: {refusal.remaining} of "
-            f"{lim.amount} tokens left, this request needs {refusal.requested}; "
-            f"resets in {_duration(reset)}."
-        )
-        quota = Quota(lim.budget, lim.node, lim.amount, refusal.remaining, reset)
-        return replace(
-            allow, verdict=Verdict.DENY, status=429, reason=DenyReason.BUDGET_EXHAUSTED,
-            detail=lim.budget, message=msg, quota=quota, retry_after_s=reset,
-        )  # fmt: skip
-
-    def _local_denial(self, allow: Decision, refusal: Refusal) -> Decision:
-        # The breaker's local allowance (ledger.breaker.mode: local_allowance) is used up,
-        # not the budget: retryable once the store is back, hence rate_limited.
-        lim, retry = refusal.limit, refusal.retry_after_s or 1.0
-        msg = (
-            f"The token quota service is unreachable and this gateway's local allowance for "
-            f"'{lim.budget}' on {lim.node} is used up: {refusal.remaining} left, this request "
-            f"needs {refusal.requested}; retry in {_duration(retry)}."
-        )
-        return replace(
-            allow, verdict=Verdict.DENY, status=429, reason=DenyReason.RATE_LIMITED,
-            detail="local_allowance", message=msg, retry_after_s=retry,
-        )  # fmt: skip
-
-    def _rate_denial(self, allow: Decision, refusal: Refusal, why: str, detail: str) -> Decision:
-        lim = refusal.limit
-        # A concurrency cap has no window: a slot may free any moment.
-        reset = 1.0 if lim.key.endswith("|c") else max(1.0, lim.window_end - self._clock.now())
-        msg = (
-            f"Rate '{lim.budget}' for {lim.node}: {why}; {refusal.remaining} of {lim.amount} left "
-            f"this minute, this request needs {refusal.requested}; retry in {_duration(reset)}."
-        )
-        return replace(
-            allow, verdict=Verdict.DENY, status=429, reason=DenyReason.RATE_LIMITED,
-            detail=detail or lim.budget, message=msg, retry_after_s=reset,
-        )  # fmt: skip
 
     # -- the response path --------------------------------------------------------
     async def settle(self, reservation_id: str, usage: TokenUsage) -> bool:
@@ -396,25 +345,3 @@ class Enforcer:
     def on_queue_wait(self, observe: Callable[[float], None]) -> None:
         """Called with each queued check's wait in seconds (admitted or not)."""
         self._queue.on_wait = observe
-
-
-def _warnings(plan: tuple[PlannedLimit, ...], res: Reservation) -> tuple[str, ...]:
-    """Soft budgets past their amount, and burst budgets borrowing from the next period."""
-    out = []
-    for p, left in zip(plan, res.remaining, strict=True):
-        b = p.budget
-        if b is None or not (b.soft_grace or b.burst):
-            continue
-        used = p.limit.amount - left
-        if used > b.tokens:
-            kind = "borrowing from the next period" if b.burst else "over its soft limit"
-            out.append(
-                f"budget '{b.name}' for {p.limit.node} is {kind}: {used} of {b.tokens}; "
-                f"hard stop at {p.limit.amount}"
-            )
-    return tuple(out)
-
-
-def reset_header(seconds: float) -> str:
-    """OpenAI's duration format for x-ratelimit-reset-tokens, e.g. ``6m0s``."""
-    return _duration(seconds)

@@ -22,9 +22,10 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 from google.rpc import status_pb2
 
+from authz.answers import reset_header
 from authz.apis import Api, api_for_path
 from authz.decision import Decision, DenyReason
-from authz.enforcer import CheckInput, reset_header
+from authz.enforcer import CheckInput
 
 __all__ = ["UPSTREAM_PREFIX", "check_input", "check_response", "metadata_fields"]
 

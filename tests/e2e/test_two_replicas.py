@@ -165,20 +165,32 @@ def test_concurrent_checks_on_two_replicas_never_exceed_a_hard_budget(
     ]  # fmt: skip
     start = threading.Barrier(len(clients))
 
-    def one(client: openai.OpenAI) -> int:
+    def one(client: openai.OpenAI) -> tuple[int, float, float]:
         start.wait()
         try:
-            for _ in client.chat.completions.create(**BODY):  # type: ignore[call-overload]
+            stream = client.chat.completions.create(**BODY)  # type: ignore[call-overload]
+            admitted = time.monotonic()  # headers are in: the check said yes
+            for _ in stream:
                 pass
-            return 200
+            return 200, admitted, time.monotonic()
         except openai.APIStatusError as exc:
-            return exc.status_code
+            return exc.status_code, 0.0, 0.0
 
     with ThreadPoolExecutor(len(clients)) as pool:
-        codes = list(pool.map(one, clients))
+        results = list(pool.map(one, clients))
     http.close()
-    assert codes.count(200) == HARD // RESERVE == 10, codes  # never more than the budget
-    assert codes.count(429) == 30, codes  # ... and exactly all of it
+    codes = [code for code, _, _ in results]
+    ok = [(admitted, ended) for code, admitted, ended in results if code == 200]
+    assert set(codes) == {200, 429}, codes
+    # While every admitted reservation was still open (before the first stream ended and
+    # settled, freeing what it did not use) no more than the budget was admitted...
+    first_end = min(ended for _, ended in ok)
+    while_all_open = [a for a, _ in ok if a < first_end]
+    assert len(while_all_open) <= HARD // RESERVE == 10, results
+    assert len(ok) >= 10, results  # the whole budget was usable
+    # ... and a check admitted later used budget a settlement gave back (a loaded machine
+    # can stretch the burst past the 3 s streams): never more than that.
+    assert len(ok) <= 10 + sum(1 for _, e in ok if e < max(a for a, _ in ok)), results
     _, held, _ = counter_and_rollup(redis, "hard-day", "hard")
     assert held <= HARD
 
