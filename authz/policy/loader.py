@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -81,6 +82,12 @@ class _Reader:
                 self.fail(where, f"unknown key; allowed: {', '.join(sorted(allowed))}")
         for key in sorted(required - set(value)):
             self.fail(f"{path}.{key}" if path else key, "is required")
+        return cast(Mapping[str, Any], value)
+
+    def free_mapping(self, value: Any, path: str) -> Mapping[str, Any]:
+        """A mapping whose keys are the user's own (claim names), not ours to check."""
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            self.fail(path, "must be a mapping of claim names to values", value)
         return cast(Mapping[str, Any], value)
 
     def string(self, value: Any, path: str, pattern: str | None = None) -> str:
@@ -186,11 +193,7 @@ def _api_key(r: _Reader, raw: Any, p: str) -> ApiKeyEntry:
     if not _HEX64.match(digest):
         # Never echo the value: it may be a key pasted by mistake.
         r.fail(f"{p}.sha256", "must be the lowercase hex sha256 of the key (64 characters)")
-    claims = r.mapping(
-        m["claims"], f"{p}.claims", set(m["claims"]) if isinstance(m["claims"], dict) else set()
-    )
-    from types import MappingProxyType
-
+    claims = r.free_mapping(m["claims"], f"{p}.claims")
     return ApiKeyEntry(
         name=r.string(m["name"], f"{p}.name"), sha256=digest, claims=MappingProxyType(dict(claims))
     )
@@ -220,11 +223,7 @@ def _level_rule(r: _Reader, raw: Any, p: str, level: str, leaf: bool) -> LevelRu
         r.fail(f"{p}.missing", "org cannot be skipped: every path starts at an org", missing)
     require: tuple[tuple[str, str], ...] = ()
     if "require" in m:
-        req = r.mapping(
-            m["require"],
-            f"{p}.require",
-            set(m["require"]) if isinstance(m["require"], dict) else set(),
-        )
+        req = r.free_mapping(m["require"], f"{p}.require")
         require = tuple((k, str(v)) for k, v in req.items())
     return LevelRule(level, claims, pattern, cast(Any, missing), fallback, require)
 

@@ -93,3 +93,18 @@ def test_check_config_command(file: str, code: int) -> None:
         )
     else:
         assert "ok (2 budgets" in out.stdout
+
+
+def test_api_key_claims_must_be_a_mapping() -> None:
+    import yaml
+
+    from authz.policy.loader import parse_policy
+
+    data = yaml.safe_load((FIXTURES / "good.yaml").read_text())
+    data["identity"]["api_keys"] = [{"name": "k", "sha256": "a" * 64, "claims": ["org_id"]}]
+    with pytest.raises(PolicyError) as err:
+        parse_policy(data, str(FIXTURES / "p.yaml"))
+    assert str(err.value) == (
+        f"{FIXTURES / 'p.yaml'}:identity.api_keys[0].claims: must be a mapping of claim names to values "
+        "(got ['org_id'])"
+    )
