@@ -111,8 +111,10 @@ class RedisClient:
                 if not self._ready and isinstance(self.redis, RedisCluster):
                     await self.redis.initialize()
                 self._ready = True
-        # Waiting for a free connection counts against the command timeout.
-        await asyncio.wait_for(self._slots.acquire(), self.opts.timeout_s)
+        # Waiting for a free connection counts against the command timeout. (Not
+        # wait_for: on Python 3.11 it can swallow the caller's cancel.)
+        async with asyncio.timeout(self.opts.timeout_s):
+            await self._slots.acquire()
         try:
             yield
         finally:
