@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
 __all__ = ["free_port", "wait_port"]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out and released.
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
-    Another process may grab it before the caller binds it; the window is tiny on a test
-    machine. Prefer binding port 0 and reading the port back where the server allows it.
+
+_RNG = random.Random()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port BELOW the kernel's ephemeral range.
+
+    A port the kernel hands out for port 0 is ephemeral: between our releasing it and
+    the server binding it, any outgoing connection (Envoy dialling a cluster, a client)
+    may take it as its source port, and the server then fails with "address already in
+    use" (seen in CI). Ports below the range are never handed out implicitly, so only
+    an explicit bind elsewhere can race us.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    high = _ephemeral_low() - 1
+    for _ in range(200):
+        port = _RNG.randint(20000, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port below the ephemeral range")
 
 
 def free_ports_in_a_row(count: int, host: str = "127.0.0.1") -> int:
