@@ -295,9 +295,11 @@ class LeasedLedger:
             if plan.empty:
                 return
             await self._run(org, plan)
-            quiet = not org.entries and not org.waiting
-            if quiet and all(lz.granted == 0 for lz in org.leases.values()):
-                self._orgs.pop(org.tag, None)
+            # An org's state is never dropped, even when quiet: a leader may already
+            # hold a batch for it (taken from org.waiting, waiting for org.lock). A
+            # dropped state would live on in that leader while the next check made a
+            # second one, and two local views of this replica's one lease in Redis
+            # admit twice. Orgs are few; their leases are pruned as they empty.
 
     async def _flush_loop(self) -> None:
         while not self._stop.is_set():
