@@ -9,56 +9,12 @@ leases, batched flushes). Missing Redis binaries fail these tests, never skip th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-
-import pytest
 
 from authz.clock import FakeClock
-from authz.ledger import Ledger, Limit, MemoryLedger, Refusal, Reservation, open_ledger
+from authz.ledger import Ledger, Limit, Refusal, Reservation
 from authz.policy.model import Weights
 from authz.usage.types import TokenUsage
-
-Factory = Callable[[pytest.FixtureRequest, FakeClock], Ledger]
-
-
-def _redis(server_fixture: str, query: str) -> Factory:
-    def make(request: pytest.FixtureRequest, clock: FakeClock) -> Ledger:
-        return open_ledger(request.getfixturevalue(server_fixture).url + query, clock)
-
-    return make
-
-
-LEDGERS: dict[str, Factory] = {
-    "memory": lambda _, clock: MemoryLedger(clock),
-    "redis": _redis("redis_server", "?lease=off"),
-    "redis-leases": _redis("redis_server", "?lease=on&lease_flush_ms=10"),
-    "cluster": _redis("redis_cluster", "?lease=off"),
-    "cluster-leases": _redis("redis_cluster", "?lease=on&lease_flush_ms=10"),
-}
-ONE = Weights()
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(name, marks=pytest.mark.unit if name == "memory" else pytest.mark.integration)
-        for name in sorted(LEDGERS)
-    ]
-)
-async def env(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Ledger, FakeClock]]:
-    clock = FakeClock()
-    ledger = LEDGERS[request.param](request, clock)
-    yield ledger, clock
-    await ledger.close()
-
-
-def lim(
-    key: str, amount: int, clock: FakeClock, weights: Weights = ONE, window: float = 3600
-) -> Limit:
-    return Limit(key, key.split("|")[0], key, amount, clock.now() + window, weights)
-
-
-def tok(i: int, o: int = 0, c: int = 0) -> TokenUsage:
-    return TokenUsage(i, c, o)
+from tests.contract.backends import ONE, lim, tok
 
 
 async def test_reserve_holds_on_every_limit(env: tuple[Ledger, FakeClock]) -> None:
