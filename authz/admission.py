@@ -19,6 +19,7 @@ from typing import TypeVar
 from authz.ledger.base import Limit
 from authz.policy.model import Budget, Policy, SubjectPath, Weights
 from authz.policy.periods import PeriodWindows
+from authz.recent import Recent
 
 __all__ = ["AdmissionQueue", "LimitPlanner", "PlannedLimit", "QueueFull", "plan_limits"]
 
@@ -83,12 +84,20 @@ class LimitPlanner:
 
     The plan depends on the path, the policy, the current windows and, for cost budgets,
     the model's price; the hot path would otherwise rebuild the same limits per check.
+    Plans of subjects not seen lately go at each :meth:`forget_idle` (:class:`Recent`).
     """
 
     def __init__(self, max_entries: int = 100_000) -> None:
-        self._cache: dict[tuple[object, ...], tuple[float, tuple[PlannedLimit, ...]]] = {}
+        Plan = tuple[float, tuple[PlannedLimit, ...]]  # valid until, the limits
+        self._cache: Recent[tuple[object, ...], Plan] = Recent(max_entries)
         self._policy: Policy | None = None
-        self._max = max_entries
+
+    def forget_idle(self) -> int:
+        """Drop the plans not asked for since the last call; return how many."""
+        return self._cache.rotate()
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def plan(self, policy: Policy, subject: SubjectPath, model: str | None,
              windows: PeriodWindows, now: float) -> tuple[PlannedLimit, ...]:  # fmt: skip
@@ -108,8 +117,6 @@ class LimitPlanner:
         # their garbage-collection horizon moves with time: re-plan at least each minute.
         until = min([p.limit.window_end for p in planned if not p.limit.release_on_settle],
                     default=now + 60.0)  # fmt: skip
-        if len(self._cache) >= self._max:
-            self._cache.clear()
         self._cache[key] = (min(until, now + 60.0), planned)
         return planned
 

@@ -10,9 +10,15 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from authz.errors import AuthzError, PolicyError
+from authz.errors import AddressInUse, AuthzError, PolicyError
 
 __all__ = ["main"]
+
+EXIT_ADDRESS_IN_USE = 3  # distinct from 2 (bad configuration): retrying later may work
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -25,6 +31,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.workers > 1 and args.worker_index is None:
         return _supervise(args)
+    from authz.tls import tls_files
+
+    try:
+        tls = tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except AuthzError as exc:
+        print(f"authz: {exc}", file=sys.stderr)
+        return 2
     opts = ServeOptions(
         config=args.config,
         grpc_address=args.grpc_address,
@@ -32,6 +45,9 @@ def _serve(args: argparse.Namespace) -> int:
         ledger_url=args.ledger,
         reuse_port=args.worker_index is not None,
         state_dir=args.state_dir,
+        tls=tls,
+        insecure_plaintext=args.insecure_plaintext,
+        handle_key_file=args.handle_key_file,
     )
     runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
@@ -42,6 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     try:
         runner(serve(opts))
+    except AddressInUse as exc:
+        print(f"authz: {exc}", file=sys.stderr)
+        return EXIT_ADDRESS_IN_USE
     except AuthzError as exc:  # a bad policy, ledger URL or journal: say it, no traceback
         print(f"authz: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +90,15 @@ def _supervise(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if url.startswith("sqlite:"):
+        # One file serves one process (it is locked); a file per worker would split the
+        # budgets as memory:// does, and the next start would not find them where it looks.
+        print(
+            f"authz: --workers {args.workers} with the sqlite ledger: its file serves one"
+            " process. Use --workers 1, or a shared ledger (--ledger redis://...).",
+            file=sys.stderr,
+        )
+        return 2
     commands = []
     for i in range(args.workers):
         # Each worker journals (and on restart replays) only what it missed itself: one
@@ -87,6 +115,13 @@ def _supervise(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         if args.ledger:
             cmd += ["--ledger", args.ledger]
+        if args.handle_key_file:
+            cmd += ["--handle-key-file", args.handle_key_file]
+        for flag in ("tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(args, flag):
+                cmd += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+        if args.insecure_plaintext:
+            cmd.append("--insecure-plaintext")
         commands.append(cmd)
     return supervise(commands)
 
@@ -126,8 +161,42 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the ext_authz + ext_proc gRPC service")
     s.add_argument("--config", required=True, help="policy YAML file")
-    s.add_argument("--grpc-address", default=os.environ.get("AUTHZ_GRPC_ADDRESS", "0.0.0.0:9191"))
-    s.add_argument("--http-address", default=os.environ.get("AUTHZ_HTTP_ADDRESS", "0.0.0.0:9192"))
+    s.add_argument(
+        "--grpc-address",
+        default=os.environ.get("AUTHZ_GRPC_ADDRESS", "127.0.0.1:9191"),
+        help="ext_authz + ext_proc gRPC (AUTHZ_GRPC_ADDRESS; default 127.0.0.1:9191). A"
+        " non-loopback address needs mTLS (--tls-*) or --insecure-plaintext",
+    )
+    s.add_argument(
+        "--http-address",
+        default=os.environ.get("AUTHZ_HTTP_ADDRESS", "127.0.0.1:9192"),
+        help="admin HTTP: /healthz, /readyz, /metrics, no credential (AUTHZ_HTTP_ADDRESS;"
+        " default 127.0.0.1:9192). Never expose it beyond the cluster network",
+    )
+    s.add_argument(
+        "--tls-cert",
+        default=os.environ.get("AUTHZ_TLS_CERT"),
+        help="mTLS on the gRPC port: the server certificate chain, PEM (AUTHZ_TLS_CERT)."
+        " The three --tls-* files are re-read when they change, without a restart",
+    )
+    s.add_argument(
+        "--tls-key",
+        default=os.environ.get("AUTHZ_TLS_KEY"),
+        help="the server's private key, unencrypted PEM (AUTHZ_TLS_KEY)",
+    )
+    s.add_argument(
+        "--tls-client-ca",
+        default=os.environ.get("AUTHZ_TLS_CLIENT_CA"),
+        help="CA bundle, PEM, that client certificates must chain to; a client certificate"
+        " is required (AUTHZ_TLS_CLIENT_CA). Use a CA that signs only your gateways",
+    )
+    s.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=_env_flag("AUTHZ_INSECURE_PLAINTEXT"),
+        help="allow plaintext gRPC on a non-loopback address: anyone who reaches it can"
+        " decide and settle budgets (AUTHZ_INSECURE_PLAINTEXT=1). Logged as a warning",
+    )
     s.add_argument(
         "--ledger",
         default=os.environ.get("AUTHZ_LEDGER_URL"),
@@ -138,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("AUTHZ_STATE_DIR", "."),
         help="where relative state paths (the usage journal) live; default: the working dir."
         " With --workers N, worker i uses DIR/worker-i",
+    )
+    s.add_argument(
+        "--handle-key-file",
+        default=os.environ.get("AUTHZ_HANDLE_KEY_FILE"),
+        help="a secret of at least 32 bytes that signs reservation handles, the same on every"
+        " replica (e.g. a Kubernetes Secret). Default: shared through Redis for a redis://"
+        " ledger, else random per process (docs/security.md)",
     )
     s.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "info"))
     s.add_argument(

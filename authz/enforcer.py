@@ -21,7 +21,7 @@ from authz.answers import (
     rate_denial,
     warnings_for,
 )
-from authz.apis import Api, api_for_path
+from authz.apis import Api, route
 from authz.clock import Clock
 from authz.decision import Decision, DenyReason, Verdict
 from authz.errors import BodyError, IdentityError, LedgerUnavailable
@@ -29,16 +29,21 @@ from authz.estimate import RequestEstimate, estimate_request
 from authz.identity import Authenticator
 from authz.ledger.base import Ledger, Limit, Refusal, Reservation
 from authz.observer import Observer
+from authz.offload import INLINE_BYTES, run_off_loop
 from authz.policy.model import Policy, SubjectPath
 from authz.policy.periods import PeriodWindows
 from authz.policy.store import PolicyStore
 from authz.policy.subject import SubjectUnmapped, map_subject
+from authz.recent import Recent
+from authz.usage.bounds import SettlementBound
 from authz.usage.types import TokenUsage
 
-__all__ = ["CheckInput", "Enforcer"]
+__all__ = ["IDLE_S", "CheckInput", "Enforcer"]
 
 log = logging.getLogger("authz.enforcer")
 _NO_USAGE = TokenUsage(0, 0, 0)
+# Per-caller memos keep what was used in the last IDLE_S to 2 * IDLE_S seconds.
+IDLE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +71,9 @@ class Enforcer:
         self._warming: asyncio.Task[None] | None = None
         self._queue = AdmissionQueue(self._policy.queue.max_depth)
         self._planner = LimitPlanner()
-        self._subjects: dict[int, tuple[Mapping[str, Any], SubjectPath]] = {}
+        self._subjects: Recent[int, tuple[Mapping[str, Any], SubjectPath]] = Recent()
         self._subjects_policy: Policy | None = None
+        self._idle_at = clock.now()  # the last forget_idle rotation
         store.on_change(self._use_policy)
 
     def _use_policy(self, policy: Policy) -> None:
@@ -128,20 +134,23 @@ class Enforcer:
         except SubjectUnmapped as exc:
             return Decision(Verdict.DENY, 403, DenyReason.SUBJECT_UNMAPPED, exc.level, str(exc))
 
-        api = api_for_path(req.path) if req.method == "POST" else None
-        if api is None:
-            if policy.requests.other_paths == "allow":
+        # Metered whatever the spelling of the path; free only if requests.unmetered
+        # lists every reading of it; anything else refused (authz.apis.route).
+        where = route(req.method, req.path, policy.requests.unmetered)
+        if where.api is None:
+            if where.unmetered:
                 return Decision(Verdict.ALLOW, subject=subject)
             return Decision(
                 Verdict.DENY,
-                403,
+                where.status,
                 DenyReason.PATH_NOT_ALLOWED,
-                "",
-                f"{req.method} {req.path.split('?', 1)[0]} is not an allowed AI API",
+                where.detail,
+                where.message,
                 subject=subject,
             )
+        api = where.api
 
-        estimate, bad = self._estimate(api, req)
+        estimate, bad = await self._estimate(policy, api, req)
         if estimate is None:
             if policy.requests.bad_body == "deny":
                 return Decision(
@@ -207,16 +216,37 @@ class Enforcer:
         if hit is not None and hit[0] is claims:
             return hit[1]
         subject = map_subject(policy.subject, claims)
-        if len(self._subjects) >= 100_000:
-            self._subjects.clear()
         self._subjects[id(claims)] = (claims, subject)
         return subject
 
-    def _estimate(self, api: Api, req: CheckInput) -> tuple[RequestEstimate | None, str]:
-        if req.body_truncated:
+    def forget_idle(self, idle_s: float = IDLE_S) -> int:
+        """Forget per-caller state not used for ``idle_s`` to ``2 * idle_s`` seconds (issue
+        9, #7: memory bounded by activity): subject and plan memos, the policy's per-path
+        caches, verified tokens. Called by the server's sweep every second; rotates once
+        per ``idle_s``. Returns how many entries went (0 between rotations)."""
+        now = self._clock.now()
+        if now - self._idle_at < idle_s:
+            return 0
+        self._idle_at = now
+        return (
+            self._subjects.rotate()
+            + self._planner.forget_idle()
+            + self._policy.forget_idle()
+            + self._auth.forget_idle(now, idle_s)
+        )
+
+    async def _estimate(self, policy: Policy, api: Api, req: CheckInput
+                        ) -> tuple[RequestEstimate | None, str]:  # fmt: skip
+        body = req.body or b""
+        # Envoy never sends more than its cap (bounds.request_body_bytes): a bigger body
+        # did not come through it, and is not parsed (handled as truncated).
+        if req.body_truncated or len(body) > policy.bounds.request_body_bytes:
             return None, "request body is larger than the gateway forwards for checking"
         try:
-            return estimate_request(api, req.body or b""), ""
+            if len(body) <= INLINE_BYTES:
+                return estimate_request(api, body), ""
+            # A big body costs tens of ms per MiB to parse: not on the loop (offload.py).
+            return await run_off_loop(estimate_request, api, body), ""
         except BodyError as exc:
             return None, str(exc)
 
@@ -327,6 +357,14 @@ class Enforcer:
         outcome = await self._ledger.settle(reservation_id, usage)
         self._queue.notify()  # a concurrency slot or an over-reservation may have freed
         return outcome.settled
+
+    def bounded(self, event: SettlementBound) -> None:
+        """A settlement charged other than the upstream said (authz.usage.bounds): one
+        warning line, and the audit trail's ``settlement_bounded`` entry."""
+        log.warning("settlement bounded: %s", event.reason, extra=event.as_dict())
+        notify = getattr(self._observer, "settlement_bounded", None)
+        if notify is not None:
+            notify(event)
 
     async def release(self, reservation_id: str) -> bool:
         """The request never reached the model (local reply, upstream error): charge 0."""

@@ -7,6 +7,7 @@ exception means the service could not decide, or could not start.
     ├── PolicyError            a policy file is invalid (message starts with file:path)
     ├── IdentityError          a credential is missing or invalid (-> 401)
     ├── BodyError              the request body cannot be read as an AI request
+    ├── AddressInUse           a port to listen on is taken (exit code 3, not 2)
     └── LedgerError
         ├── LedgerUnavailable  storage could not be reached (transient = True)
         └── UnknownReservation settle/release named a reservation the ledger never had
@@ -15,6 +16,7 @@ exception means the service could not decide, or could not start.
 from __future__ import annotations
 
 __all__ = [
+    "AddressInUse",
     "AuthzError",
     "BodyError",
     "IdentityError",
@@ -54,6 +56,10 @@ class IdentityError(AuthzError):
 
 class BodyError(AuthzError):
     """The request body is missing, truncated or not the JSON of an AI API request."""
+
+
+class AddressInUse(AuthzError):
+    """Another process listens on an address the service must bind (start-up only)."""
 
 
 class LedgerError(AuthzError):

@@ -28,6 +28,7 @@ from authz.errors import BodyError
 __all__ = [
     "CHARS_PER_TOKEN",
     "PER_MESSAGE_TOKENS",
+    "REWRITE_MAX_BYTES",
     "RequestEstimate",
     "estimate_request",
     "tokens_for_chars",
@@ -36,10 +37,17 @@ __all__ = [
 ]
 
 CHARS_PER_TOKEN = 4
+# The largest request body :func:`with_include_usage` rewrites: what Envoy's ext_authz
+# forwards to Check (a bigger body was checked as truncated, and is left as it is).
+REWRITE_MAX_BYTES = 1024 * 1024
 PER_MESSAGE_TOKENS = 4
 OPENAI_MEDIA_TOKENS = 85
 ANTHROPIC_MEDIA_TOKENS = 1600
 
+# Output limits, whichever API documents which: an OpenAI-compatible upstream may take
+# any of them (Chat takes max_tokens and its newer max_completion_tokens), so the
+# largest one present is reserved.
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Part keys whose string value is text the model reads.
 _TEXT_KEYS = ("text", "refusal", "thinking", "name", "arguments")
 # Part keys that nest more parts (tool results, Responses messages and tool outputs).
@@ -185,12 +193,25 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object hook refusing duplicate keys: we would read the last, an upstream may
+    read the first, and the difference is what the reservation understates."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BodyError(f"request body has a duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
 def _load(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise BodyError("request body is empty")
     try:
         # Decode first: json.loads(bytes) guesses UTF-16/32; these APIs only speak UTF-8.
-        obj = json.loads(body.decode("utf-8"))
+        obj = json.loads(body.decode("utf-8"), object_pairs_hook=_unique)
     except UnicodeDecodeError as exc:
         raise BodyError("request body is not UTF-8 text") from exc
     except json.JSONDecodeError as exc:
@@ -215,13 +236,16 @@ def _optional(obj: dict[str, Any], key: str, kind: type, what: str) -> Any:
 
 
 def _limit(obj: dict[str, Any], *keys: str) -> int | None:
-    """The first of ``keys`` set in ``obj``, each checked to be a non-negative integer."""
+    """The largest of ``keys`` set in ``obj``, each checked to be a non-negative integer.
+
+    The largest, not the first: when a body names two limits, which one an upstream
+    obeys is its own choice, so the reservation covers the larger."""
     found: int | None = None
     for key in keys:
         value = obj.get(key)
         if value is not None and not _is_count(value):
             raise BodyError(f"{key} must be a non-negative integer, got {_kind(value)}")
-        if found is None:
+        if value is not None and (found is None or value > found):
             found = value
     return found
 
@@ -243,23 +267,22 @@ def estimate_request(api: Api, body: bytes) -> RequestEstimate:
             tally.items(obj.get("input"), "input")
             tally.content(_optional(obj, "instructions", str, "a string"), "instructions")
             tally.tools(obj.get("tools"))
-            limit = _limit(obj, "max_output_tokens")
+            limit = _limit(obj, *_OUTPUT_LIMITS)
         elif api is Api.ANTHROPIC_MESSAGES:
             tally.messages(obj.get("messages"), "messages")
             tally.content(obj.get("system"), "system")
             tally.tools(obj.get("tools"))
-            limit = _limit(obj, "max_tokens")
+            limit = _limit(obj, *_OUTPUT_LIMITS)
         else:
             if api is Api.OPENAI_CHAT:
                 tally.messages(obj.get("messages"), "messages")
                 tally.tools(obj.get("tools"))
                 tally.tools(obj.get("functions"))
-                # max_completion_tokens replaced max_tokens; the newer one wins.
-                limit = _limit(obj, "max_completion_tokens", "max_tokens")
+                limit = _limit(obj, *_OUTPUT_LIMITS)
             else:
                 if obj.get("prompt") is not None:
                     tally.prompt(obj["prompt"], "prompt")
-                limit = _limit(obj, "max_tokens")
+                limit = _limit(obj, *_OUTPUT_LIMITS)
             # ``n`` choices (and legacy ``best_of``) each generate up to the limit.
             choices = max(_limit(obj, "n") or 1, _limit(obj, "best_of") or 1)
             options = _optional(obj, "stream_options", dict, "an object") or {}
@@ -284,6 +307,8 @@ def with_include_usage(body: bytes) -> bytes | None:
     body is not a streaming request object; the caller must then leave the body alone,
     and otherwise fix ``content-length``. Keys keep their order; the JSON is re-encoded.
     """
+    if len(body) > REWRITE_MAX_BYTES:
+        return None  # bigger than Check reads (bounds.request_body_bytes): not ours to fix
     try:
         obj = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError

@@ -37,3 +37,15 @@ class Observers:
                 observer.decided(decision)
             except Exception:
                 log.exception("observer %s failed", type(observer).__name__)
+
+    def settlement_bounded(self, event: object) -> None:
+        """A settlement was clamped or charged without reading the body
+        (:class:`authz.usage.bounds.SettlementBound`); for observers that record it."""
+        for observer in self._observers:
+            notify = getattr(observer, "settlement_bounded", None)
+            if notify is None:
+                continue
+            try:
+                notify(event)
+            except Exception:
+                log.exception("observer %s failed", type(observer).__name__)

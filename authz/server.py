@@ -26,12 +26,19 @@ from authz.enforcer import Enforcer
 from authz.envoy.authz import AuthorizationServicer
 from authz.envoy.extproc import ExternalProcessorServicer
 from authz.errors import AuthzError, PolicyError
+from authz.handle_keys import REFRESH_S, open_handle_keys
 from authz.ledger import Ledger, MemoryLedger, open_ledger
 from authz.ledger.breaker import BreakerLedger
 from authz.ledger.journal import Journal
+from authz.ledger.sqlite import SqliteLedger
+from authz.listen import check_transport, ensure_free, jwt_authn_guard
 from authz.observability import Observability
 from authz.policy.store import PolicyStore
+from authz.readiness import Readiness
+from authz.reclaim import release_memory
+from authz.telemetry.ledger_file import LedgerFileCollector
 from authz.telemetry.metrics import Metrics
+from authz.tls import ReloadingCredentials, TlsFiles
 
 __all__ = ["ServeOptions", "serve"]
 
@@ -41,8 +48,12 @@ log = logging.getLogger("authz.server")
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
     config: str
-    grpc_address: str = "0.0.0.0:9191"
-    http_address: str = "0.0.0.0:9192"
+    # Loopback unless told otherwise: who reaches the gRPC port can spend and settle
+    # budgets (the rules are in authz/listen.py).
+    grpc_address: str = "127.0.0.1:9191"
+    http_address: str = "127.0.0.1:9192"
+    tls: TlsFiles | None = None  # mTLS on the gRPC port, client certificate required
+    insecure_plaintext: bool = False  # allow plaintext gRPC on a non-loopback address
     ledger_url: str | None = None
     grace_s: float = 10.0
     watch_interval_s: float = 1.0
@@ -51,6 +62,9 @@ class ServeOptions:
     # spreads incoming connections over every socket bound with SO_REUSEPORT.
     reuse_port: bool = False
     state_dir: str = "."  # relative journal paths resolve here (--state-dir, AUTHZ_STATE_DIR)
+    # The key that signs reservation handles (authz/handle_keys.py says where it comes
+    # from without one): --handle-key-file, AUTHZ_HANDLE_KEY_FILE.
+    handle_key_file: str | None = None
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -83,20 +97,37 @@ def _breaker(inner: Ledger, store: PolicyStore, clock: Clock, state_dir: str) ->
 
 async def serve(opts: ServeOptions) -> None:
     store = PolicyStore(opts.config)
+    # Who may call the gRPC port: refused here, before anything opens or binds.
+    mtls = opts.tls is not None
+    check_transport(opts.grpc_address, mtls=mtls, insecure_plaintext=opts.insecure_plaintext)
+    store.guard(jwt_authn_guard(str(store.path), mtls=mtls))
+    tls = ReloadingCredentials(opts.tls) if opts.tls is not None else None
+    if not opts.reuse_port:  # --workers: the other workers hold the gRPC port on purpose
+        ensure_free(opts.grpc_address, "gRPC")
+    ensure_free(opts.http_address, "admin HTTP")
     clock = SystemClock()
     metrics = Metrics()
     ledger_url = opts.ledger_url or store.current.ledger_url
     # Traces, audit trail, alerts (see authz/observability.py); OTel only if OTEL_* is set.
     obs = Observability(store, ledger_url, clock, metrics)
-    try:
-        inner = open_ledger(ledger_url, clock)
+    try:  # sqlite:// (relative to --state-dir) is locked and loaded here: a second
+        # process on the same file stops now, with one line (LedgerLocked)
+        inner = open_ledger(ledger_url, clock, state_dir=opts.state_dir)
     except ValueError as exc:  # a bad --ledger / AUTHZ_LEDGER_URL (the policy's is validated)
         raise AuthzError(f"ledger URL: {exc}") from exc
-    # The breaker and its journal guard a store across the network. The embedded memory
-    # ledger cannot be unreachable; wrapping it would only let a slow event loop
-    # (a GC pause, a CPU-starved pod) "open" it and deny traffic for no reason.
+    if isinstance(inner, MemoryLedger):
+        log.warning(
+            "ledger memory:// keeps usage in this process only: a restart makes every budget"
+            " full again. Use sqlite:///authz-state/ledger.db (one process) or redis://"
+        )
+    elif isinstance(inner, SqliteLedger):  # a failing disk shows here, not in decisions
+        metrics.registry.register(LedgerFileCollector(inner))
+    # The breaker and its journal guard a store across the network. The embedded ledgers
+    # (memory, and sqlite: memory written behind to a local file) cannot be unreachable;
+    # wrapping them would only let a slow event loop (a GC pause, a CPU-starved pod)
+    # "open" the breaker and deny traffic for no reason.
     breaker = None
-    if not isinstance(inner, MemoryLedger):
+    if not isinstance(inner, MemoryLedger | SqliteLedger):
         breaker = _breaker(inner, store, clock, opts.state_dir)
     ledger = obs.ledger(breaker or inner)
     enforcer = Enforcer(store, ledger, clock, observer=obs.observer)
@@ -105,11 +136,21 @@ async def serve(opts: ServeOptions) -> None:
 
     # SO_REUSEPORT stays off for a single process, so a second copy started by mistake
     # fails to bind instead of silently taking half the traffic.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", int(opts.reuse_port))])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(enforcer, metrics, obs.tracing, obs.decision_log), server
+    # Receive no bigger message than Envoy sends: an ext_proc body BUFFERED up to the
+    # listener's buffer limit, plus headers and metadata (policy bounds.grpc_max_message_bytes;
+    # read at start, a reload does not resize). gRPC's own default is 4 MiB.
+    max_message = store.current.bounds.grpc_max_message_bytes
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(opts.reuse_port)),
+                                      ("grpc.max_receive_message_length", max_message)])
+    # One key for both servicers: ext_proc settles only what Check signed (authz/handles.py).
+    handles, refresh_handles = await open_handle_keys(
+        opts.handle_key_file, ledger_url, opts.state_dir
     )
-    extproc = ExternalProcessorServicer(enforcer, metrics, obs.tracing)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationServicer(enforcer, metrics, obs.tracing, obs.decision_log, handles=handles),
+        server,
+    )
+    extproc = ExternalProcessorServicer(enforcer, metrics, obs.tracing, handles=handles)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(extproc, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -122,17 +163,17 @@ async def serve(opts: ServeOptions) -> None:
         ),
         server,
     )
-    server.add_insecure_port(opts.grpc_address)
+    try:
+        if tls is not None:
+            server.add_secure_port(opts.grpc_address, tls.credentials())
+        else:
+            server.add_insecure_port(opts.grpc_address)
+    except RuntimeError as exc:  # gRPC's bind error; ensure_free caught the usual cause
+        raise AuthzError(f"cannot listen on the gRPC address {opts.grpc_address}: {exc}") from None
 
-    ready = False
-
-    def ledger_details() -> dict[str, object]:
-        if breaker is None:
-            return {"ledger": {"backend": type(inner).__name__}}
-        return {"ledger": breaker.snapshot().as_dict()}
-
+    readiness = Readiness(breaker, type(inner).__name__)
     metrics.watch_breaker(breaker.snapshot if breaker is not None else None)
-    admin = AdminServer(metrics, lambda: ready, ledger_details)
+    admin = AdminServer(metrics, readiness.state)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -146,6 +187,9 @@ async def serve(opts: ServeOptions) -> None:
         if n:
             metrics.expired.inc(n)
             log.info("expired %d unsettled reservations", n)
+        # Memory follows activity (issue 9, #7): callers idle for a minute or two are
+        # forgotten, and after many, the freed memory goes back to the OS (reclaim.py).
+        release_memory(enforcer.forget_idle())
 
     await enforcer.start()
     if breaker is not None:
@@ -164,23 +208,27 @@ async def serve(opts: ServeOptions) -> None:
     tasks = [
         asyncio.create_task(store.watch(opts.watch_interval_s)),
         asyncio.create_task(_every(opts.sweep_interval_s, sweep)),
+        asyncio.create_task(readiness.watch()),
     ]
-    ready = True
+    if refresh_handles is not None:  # a Redis ledger: follow the shared key
+        tasks.append(asyncio.create_task(_every(REFRESH_S, refresh_handles)))
+    readiness.serving = True
     log.info(
         "serving",
         extra={
             "grpc": opts.grpc_address,
+            "grpc_tls": "mtls" if tls is not None else "plaintext",
             "http": opts.http_address,
             "policy": opts.config,
             "ledger": type(inner).__name__,
-            "breaker_mode": store.current.breaker.mode if breaker else "none (memory)",
+            "breaker_mode": store.current.breaker.mode if breaker else "none (embedded)",
             "pid": os.getpid(),
         },
     )
     await stop.wait()
 
     log.info("stopping: no new checks, finishing in-flight requests")
-    ready = False
+    readiness.serving = False
     await health_servicer.enter_graceful_shutdown()
     await server.stop(opts.grace_s)  # refuses new RPCs, waits for running ones
     await extproc.drain()

@@ -1,4 +1,4 @@
-"""``python -m bench [run|profile|memory]``: see docs/performance.md."""
+"""``python -m bench [run|profile|memory|micro|looplag]``: see docs/performance.md."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         ("profile", "py-spy on the authz service under load in configuration (c)"),
         ("memory", "RSS of the service after 100k and after N checks (long)"),
         ("micro", "the Python cost of one check, in process, phase by phase"),
+        ("looplag", "event-loop lag while Checks carry 1 and 4 MiB bodies"),
     ):
         s = sub.add_parser(name, help=text)
         s.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
@@ -32,9 +33,19 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--no-peer", action="store_true")
         if name == "memory":
             s.add_argument("--checks", type=int, default=1_000_000)
+            s.add_argument("--idle", action="store_true", help="N users once each, then idle")
+            s.add_argument("--idle-users", type=int, default=200_000)
+            s.add_argument("--idle-wait", type=float, default=240.0, help="seconds idle")
+            s.add_argument("--warm-checks", type=int, default=60_000)
+            s.add_argument("--ledger", choices=["memory", "sqlite"], default="memory")
         if name == "micro":
             s.add_argument("--checks", type=int, default=20_000)
-    args = p.parse_args(argv if argv is not None else (sys.argv[1:] or ["run"]))
+    argv = argv if argv is not None else (sys.argv[1:] or ["run"])
+    if argv[0] == "looplag":  # its own options (bench/looplag.py); needs no wrk
+        from bench.looplag import main as looplag
+
+        return looplag(argv[1:])
+    args = p.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every server this run started is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -48,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return profile(args)
         if args.mode == "memory":
-            from bench.memory import memory
+            from bench.memory import idle, memory
 
-            return memory(args)
+            return idle(args) if args.idle else memory(args)
         from bench.run import Options, bench_run
 
         only = tuple(k for k in args.only.split(",") if k)

@@ -18,8 +18,17 @@ def main_configs() -> list[Config]:
         Config("a", "Envoy alone (direct_response)", "none", EnvoyShape(ext_authz=False)),
         Config("b", "Envoy + no-op Python ext_authz (grpc.aio, uvloop)", "noop"),
         Config("c", "Envoy + authz, memory ledger, JWTs", "authz"),
+        # The shipped default: memory written behind to SQLite; its cost against c.
+        Config("c/sqlite", "as c, sqlite ledger (the default)", "authz", ledger="sqlite"),
         Config("d", "as c, Redis ledger", "authz", ledger="redis"),
         Config("e", "as c + ext_proc settles the JSON usage", "authz", EnvoyShape(ext_proc=True)),
+        Config(
+            "e/sqlite",
+            "as e, sqlite ledger (the default)",
+            "authz",
+            EnvoyShape(ext_proc=True),
+            ledger="sqlite",
+        ),
         Config(
             "f",
             "as e, ext_proc in observability mode",

@@ -250,6 +250,19 @@ def _targets(by_key: dict[str, dict[str, Any]], rate_rows: list[dict[str, Any]])
                            p99 < 10))  # fmt: skip
     for name, value, ok in checks:
         print(f"target {name:<40} {value:>10}  {'met' if ok else 'NOT met'}")
+    _sqlite_cost(by_key)
+
+
+def _sqlite_cost(by_key: dict[str, dict[str, Any]]) -> None:
+    """What the persistent default costs: each x/sqlite against x on memory://."""
+    for key in ("c", "e"):
+        mem, disk = by_key.get(key), by_key.get(f"{key}/sqlite")
+        if mem and disk:
+            cpu = disk["service_cpu_us_per_req"] - mem["service_cpu_us_per_req"]
+            p99 = disk["p99_ms"] - mem["p99_ms"]
+            print(f"cost of the sqlite default ({key}/sqlite vs {key} on memory://):"
+                  f" {disk['rps'] / mem['rps']:.2f} x the req/s, p99 {p99:+.2f} ms,"
+                  f" service CPU {cpu:+.0f} us/request")  # fmt: skip
 
 
 def load_latest(out: Path) -> dict[str, Any]:

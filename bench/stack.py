@@ -34,7 +34,7 @@ class Config:
     title: str
     service: str  # "none" | "noop" | "authz"
     shape: EnvoyShape = field(default_factory=EnvoyShape)
-    ledger: str = "memory"  # "memory" | "redis"
+    ledger: str = "memory"  # "memory" | "sqlite" (the shipped default) | "redis"
     workers: int = 1
 
 
@@ -143,6 +143,9 @@ def running(cfg: Config, workdir: Path, policy: Path) -> Iterator[Running]:
             args = ["--log-level", "warning"]
             if cfg.ledger == "redis":
                 args += ["--ledger", stack.enter_context(_redis(workdir))]
+            else:  # said explicitly: the policy's own ledger.url is the sqlite default
+                url = {"memory": "memory://", "sqlite": "sqlite:///authz-state/ledger.db"}
+                args += ["--ledger", url[cfg.ledger]]  # relative to AuthzService's workdir
             if cfg.workers > 1:
                 args += ["--workers", str(cfg.workers), "--split-memory-ledger"]
             svc = AuthzService(

@@ -1,12 +1,19 @@
-"""``/healthz`` (the process lives), ``/readyz`` (it takes checks), ``/metrics``."""
+"""``/healthz`` (the process lives), ``/readyz`` (it takes checks), ``/metrics``.
+
+This port must not be reachable beyond the cluster network: it needs no credential.
+It listens on loopback unless given an address (``--http-address``); Kubernetes probes
+reach the pod directly, so no Service has to expose it.
+"""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from authz.errors import AddressInUse, AuthzError
 from authz.telemetry.metrics import Metrics
 
 __all__ = ["AdminServer"]
@@ -16,12 +23,10 @@ class AdminServer:
     def __init__(
         self,
         metrics: Metrics,
-        ready: Callable[[], bool],
-        details: Callable[[], dict[str, Any]] = dict,
+        readiness: Callable[[], tuple[bool, dict[str, Any]]],
     ) -> None:
         self._metrics = metrics
-        self._ready = ready
-        self._details = details  # extra /readyz fields, e.g. {"ledger": breaker snapshot}
+        self._readiness = readiness  # (ready, body): authz.readiness.Readiness.state
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
@@ -33,14 +38,13 @@ class AdminServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        # Only stopping makes this 503. An open ledger breaker does not, whatever its mode:
-        # every replica shares the one store, so failing readiness would take them all out
-        # of the Service at once; Envoy would then answer 503 for every request (even in
-        # fail_open or local_allowance), and a recovered store would wait for probes
-        # again. The body says what is degraded, for operators and alerts.
-        if self._ready():
-            return web.json_response({"status": "ready", **self._details()})
-        return web.json_response({"status": "not ready", **self._details()}, status=503)
+        # 503 while stopping, until the ledger has answered once, and while the breaker
+        # is open in fail_closed mode (every check would be 503 anyway); an open breaker
+        # in fail_open/local_allowance is 200 "degraded", since failing it would take
+        # every replica sharing the store out at once. The reasoning is in
+        # authz/readiness.py; the body always carries the ledger's state.
+        ready, body = self._readiness()
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
         return web.Response(
@@ -51,7 +55,15 @@ class AdminServer:
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self._app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        try:
+            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"the admin HTTP address {where} is already in use") from None
+            raise AuthzError(f"cannot listen on the admin HTTP address {where}: {exc}") from None
 
     async def stop(self) -> None:
         if self._runner is not None:

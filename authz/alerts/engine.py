@@ -159,6 +159,9 @@ class AlertEngine:
                 fired.extend(self._rules(policy, w, now))
         for alert in fired:
             self._fire(alert)
+        # What is left was noted for counters nobody watches (users, when alerts watch
+        # only org/department/team): one entry per refused user, never read. Drop it.
+        self._refused.clear()
         self.fired = fired
         return fired
 

@@ -9,6 +9,9 @@ Recorded (``kind``: ``data``):
 - ``policy_reload_failed``: the validation error (``file:path: what (got value)``);
 - ``denied``: a Check denied for a reason the policy's ``audit.denials`` lists, with
   the subject, the reason, the budget and node that refused, the model.
+- ``settlement_bounded``: a settlement not charged as the upstream reported: usage
+  above what the request could have cost (clamped), or a body not read (too big decoded,
+  an unsupported Content-Encoding: the reservation charged); counts, never content.
 
 Never a credential, a prompt, or the client's message text. Overrides and approvals
 are recorded once those features exist (they have no API yet).
@@ -35,6 +38,7 @@ from authz.decision import Decision
 from authz.errors import AuthzError, PolicyError
 from authz.policy.model import Budget, Policy
 from authz.telemetry.metrics import Metrics
+from authz.usage.bounds import SettlementBound
 
 __all__ = ["AuditTrail"]
 
@@ -127,6 +131,10 @@ class AuditTrail:
             data["budget"], data["node"] = d.quota.budget, d.quota.node
             data["limit"], data["remaining"] = d.quota.limit, d.quota.remaining
         self._put("denied", data)
+
+    def settlement_bounded(self, event: SettlementBound) -> None:
+        """A settlement charged other than the upstream reported (authz.usage.bounds)."""
+        self._put("settlement_bounded", event.as_dict())
 
     def _put(self, kind: str, data: dict[str, Any]) -> None:
         if not self._policy.audit.enabled:

@@ -14,6 +14,7 @@ from opentelemetry.trace import Span
 from authz.decision import Decision
 from authz.enforcer import Enforcer
 from authz.envoy.convert import check_input, check_response
+from authz.handles import HandleKeys
 from authz.policy.model import Policy
 from authz.telemetry.logging import trace_ids
 from authz.telemetry.metrics import Metrics
@@ -31,8 +32,11 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):
         metrics: Metrics,
         tracing: Tracing | None = None,
         decision_log: str = "denials",
+        *,
+        handles: HandleKeys,
     ) -> None:
         self._enforcer = enforcer
+        self._handles = handles  # signs each reservation for ext_proc (authz.handles)
         self._metrics = metrics
         self._tracing = tracing  # None: tracing is off and nothing of it runs here
         # "all": a line per decision; "denials" (default): denials only; "off": none.
@@ -69,7 +73,7 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):
             self._metrics.decision(decision, model)
             if self._log_allows if decision.allowed else self._log_denials:
                 self._log(decision, model, context, inp.headers, span)
-            response = check_response(decision, inp)
+            response = check_response(decision, inp, self._handles)
             if span is not None:
                 Tracing.decided(span, decision, model)
                 parent = traceparent_of(span)

@@ -4,7 +4,8 @@ What Envoy does with each answer (see envoy/envoy.yaml):
 - ``ok_response``: the request goes upstream with ``headers`` set and
   ``headers_to_remove`` stripped; ``response_headers_to_add`` land on the client's
   response. ``dynamic_metadata`` is stored under ``envoy.filters.http.ext_authz`` and
-  forwarded to our ext_proc stream, which settles the reservation it names.
+  forwarded to our ext_proc stream, which settles the reservation it names only if the
+  ``mac`` beside it verifies (:mod:`authz.handles`).
 - ``denied_response``: Envoy answers the client itself with our status, headers, body.
 - An exception in the servicer (could not decide) becomes a gRPC error; Envoy then
   applies ``status_on_error`` (503 in our config) unless ``failure_mode_allow`` is set.
@@ -26,6 +27,7 @@ from authz.answers import reset_header
 from authz.apis import Api, api_for_path
 from authz.decision import Decision, DenyReason
 from authz.enforcer import CheckInput
+from authz.handles import MAC_FIELD, Handle, HandleKeys
 
 __all__ = ["UPSTREAM_PREFIX", "check_input", "check_response", "metadata_fields"]
 
@@ -89,12 +91,17 @@ def _quota_headers(d: Decision) -> list[base_pb2.HeaderValueOption]:
     ]
 
 
-def metadata_fields(d: Decision) -> dict[str, Any]:
-    """What ext_proc (and access logs) see under envoy.filters.http.ext_authz."""
+def metadata_fields(d: Decision, keys: HandleKeys | None = None) -> dict[str, Any]:
+    """What ext_proc sees under envoy.filters.http.ext_authz (access logs: selected keys).
+
+    A reservation comes with ``mac``, which signs every field settlement trusts
+    (:mod:`authz.handles`); without ``keys`` it has none, and ext_proc will refuse it.
+    """
     fields: dict[str, Any] = {"verdict": d.verdict.value}
+    subject = org = ""
     if d.subject is not None:
-        fields["subject"] = str(d.subject)
-        fields["org"] = d.subject.org
+        fields["subject"] = subject = str(d.subject)
+        fields["org"] = org = d.subject.org
     if d.reason is not None:
         fields["reason"] = d.reason.value
     if d.model is not None:
@@ -106,6 +113,12 @@ def metadata_fields(d: Decision) -> dict[str, Any]:
         fields["input_estimate"] = d.input_estimate
         fields["output_reserved"] = d.output_reserved
         fields["stream"] = d.stream
+        if keys is not None:
+            handle = Handle(
+                d.reservation_id, subject, org, d.api.value if d.api else "", d.model or "",
+                d.input_estimate, d.output_reserved, d.stream,
+            )  # fmt: skip
+            fields[MAC_FIELD] = keys.sign(handle)
     return fields
 
 
@@ -132,11 +145,11 @@ def _add_header(headers: Any, key: str, value: str) -> None:
     option.append_action = _OVERWRITE
 
 
-def _fill_metadata(meta: struct_pb2.Struct, d: Decision) -> None:
+def _fill_metadata(meta: struct_pb2.Struct, d: Decision, keys: HandleKeys | None) -> None:
     # Assigning map entries in place is about twice as fast as Struct.update(), which
     # checks every value's type in Python and builds each Value twice (bench/micro.py).
     fields = meta.fields
-    for key, value in metadata_fields(d).items():
+    for key, value in metadata_fields(d, keys).items():
         kind = value.__class__
         if kind is str:
             fields[key].string_value = value
@@ -148,20 +161,21 @@ def _fill_metadata(meta: struct_pb2.Struct, d: Decision) -> None:
             meta.update({key: value})
 
 
-def _allow_response(d: Decision, inp: CheckInput) -> authz_pb2.CheckResponse:
+def _allow_response(
+    d: Decision, inp: CheckInput, keys: HandleKeys | None
+) -> authz_pb2.CheckResponse:
     """The allow answer, built in place: this runs on every allowed request."""
     resp = authz_pb2.CheckResponse()
     resp.status.SetInParent()  # code 0: OK
-    _fill_metadata(resp.dynamic_metadata, d)
+    _fill_metadata(resp.dynamic_metadata, d, keys)
     ok = resp.ok_response
     ok.SetInParent()
     ours: tuple[str, ...] = ()
     if d.subject is not None:
         _add_header(ok.headers, "x-authz-subject", str(d.subject))
         ours = ("x-authz-subject",)
-    if d.reservation_id is not None:
-        _add_header(ok.headers, "x-authz-reservation", d.reservation_id)
-        ours += ("x-authz-reservation",)
+    # No reservation id upstream: the upstream and its logs are outside the trust
+    # boundary. Correlate with Envoy's x-request-id (in the access log) instead.
     # Anything else named like our headers was sent by the client: strip it.
     for key in inp.headers:
         if key.startswith(UPSTREAM_PREFIX) and key not in ours:
@@ -177,9 +191,12 @@ def _allow_response(d: Decision, inp: CheckInput) -> authz_pb2.CheckResponse:
     return resp
 
 
-def check_response(d: Decision, inp: CheckInput) -> authz_pb2.CheckResponse:
+def check_response(
+    d: Decision, inp: CheckInput, keys: HandleKeys | None = None
+) -> authz_pb2.CheckResponse:
+    """``keys`` signs the reservation handle; without them ext_proc refuses to settle."""
     if d.allowed:
-        return _allow_response(d, inp)
+        return _allow_response(d, inp, keys)
     meta = struct_pb2.Struct()
     meta.update(metadata_fields(d))
     headers = [_header("content-type", "application/json"), *_quota_headers(d)]

@@ -7,6 +7,12 @@ whether its body is buffered (JSON) or streamed (SSE), and settle the reservatio
 that ext_authz put in the forwarded metadata. Settlement runs in a background task so
 the client's last chunk is never held up by the ledger, and so a cancelled stream (the
 client went away) still gets charged.
+
+Anyone who reaches the gRPC port can open a stream, so the metadata is not trusted as
+such: a reservation settles (or is released) only if the MAC Check put beside it
+verifies (:mod:`authz.handles`). Otherwise the stream passes through untouched, the
+refusal is counted (``authz_settle_refused_total``) and logged, and the reservation
+waits for its genuine settlement, or for expiry.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from opentelemetry.trace import Span
 from authz.apis import Api
 from authz.enforcer import Enforcer
 from authz.estimate import with_include_usage
+from authz.handles import MAC_FIELD, Handle, HandleKeys, SettleRefusal
+from authz.offload import INLINE_BYTES, run_off_loop
 from authz.policy.model import Policy
 from authz.settle import BodyMode, Outcome, ReservationInfo, ResponseTracker
 from authz.telemetry.metrics import Metrics
@@ -47,22 +55,47 @@ _CONTINUE_BODY = pb.BodyResponse()
 _STREAMABLE = (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS)
 
 
-def _reservation(req: pb.ProcessingRequest) -> ReservationInfo | None:
+def _reservation(req: pb.ProcessingRequest) -> tuple[Handle, str] | SettleRefusal | None:
+    """The handle ext_authz put in the metadata and its MAC, unverified; or None if
+    there is no reservation (a local reply, an unbudgeted request)."""
     ns = req.metadata_context.filter_metadata.get(_AUTHZ_NS)
     if ns is None or "reservation_id" not in ns.fields:
         return None
     f = ns.fields
     try:
-        api = Api(f["api"].string_value)
-    except (KeyError, ValueError):
-        return None
+        handle = Handle(
+            reservation_id=f["reservation_id"].string_value,
+            subject=f["subject"].string_value if "subject" in f else "",
+            org=f["org"].string_value if "org" in f else "",
+            api=Api(f["api"].string_value).value,
+            model=f["model"].string_value if "model" in f else "",
+            input_estimate=_count(f, "input_estimate"),
+            output_reserved=_count(f, "output_reserved"),
+            stream=f["stream"].bool_value if "stream" in f else False,
+        )
+    except (KeyError, ValueError, OverflowError):  # no or unknown api, a NaN estimate...
+        return SettleRefusal.MALFORMED
+    mac = f[MAC_FIELD].string_value if MAC_FIELD in f else ""
+    return handle, mac
+
+
+def _count(f: Any, key: str) -> int:
+    if key not in f:
+        return 0
+    value = f[key].number_value
+    if value != int(value):  # int() raises for NaN/inf; a fraction was never ours
+        raise ValueError(key)
+    return int(value)
+
+
+def _info(h: Handle) -> ReservationInfo:
     return ReservationInfo(
-        reservation_id=f["reservation_id"].string_value,
-        api=api,
-        input_estimate=int(f["input_estimate"].number_value) if "input_estimate" in f else 0,
-        output_reserved=int(f["output_reserved"].number_value) if "output_reserved" in f else 0,
-        org=f["org"].string_value if "org" in f else "",
-        model=f["model"].string_value if "model" in f else "",
+        reservation_id=h.reservation_id,
+        api=Api(h.api),
+        input_estimate=h.input_estimate,
+        output_reserved=h.output_reserved,
+        org=h.org,
+        model=h.model,
     )
 
 
@@ -94,9 +127,15 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
 
 class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
     def __init__(
-        self, enforcer: Enforcer, metrics: Metrics, tracing: Tracing | None = None
+        self,
+        enforcer: Enforcer,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
+        *,
+        handles: HandleKeys,
     ) -> None:
         self._enforcer = enforcer
+        self._handles = handles  # verifies what Check signed: nothing else settles
         self._metrics = metrics
         self._tracing = tracing  # None: tracing is off and nothing of it runs here
         self._pending: set[asyncio.Task[None]] = set()
@@ -106,12 +145,41 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
+    def _verified(
+        self, req: pb.ProcessingRequest, context: grpc.aio.ServicerContext | None
+    ) -> ReservationInfo | SettleRefusal | None:
+        """The reservation this stream may settle; a SettleRefusal (counted, logged) if its
+        handle does not verify: then nothing is settled or released."""
+        found = _reservation(req)
+        if found is None:
+            return None
+        if isinstance(found, SettleRefusal):
+            why = found
+        else:
+            handle, mac = found
+            refusal = self._handles.verify(handle, mac)
+            if refusal is None:
+                return _info(handle)
+            why = refusal
+        self._metrics.settle_refused.labels(why.value).inc()
+        ns = req.metadata_context.filter_metadata[_AUTHZ_NS].fields
+        # Never the MAC or the key; the id and org as claimed (bounded), and the peer,
+        # to find the caller.
+        log.warning(
+            "settlement refused: the reservation handle does not verify",
+            extra={
+                "reason": why.value,
+                "reservation": ns["reservation_id"].string_value[:80],
+                "org": ns["org"].string_value[:80] if "org" in ns else "",
+                "peer": context.peer() if context is not None else "",
+            },
+        )
+        return why
+
     def _settle_later(
         self, info: ReservationInfo, outcome: Outcome, department: str, span: Span | None
     ) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._settle(info, outcome, department, span)
-        )
+        task = asyncio.get_running_loop().create_task(self._settle(info, outcome, department, span))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -130,6 +198,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
     ) -> None:
         start = time.perf_counter()
         try:
+            outcome = await outcome.resolved()  # a big JSON body is parsed by now
             if outcome.kind == "released":
                 done = await self._enforcer.release(info.reservation_id)
                 self._metrics.settled("released")
@@ -145,6 +214,9 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                     department,
                     _cost(policy, info.model, outcome) if done else None,
                 )
+            if outcome.bound is not None:  # not what the upstream said: count, log, audit
+                self._metrics.settlement_bounds.labels(outcome.bound.reason).inc()
+                self._enforcer.bounded(outcome.bound)
             self._metrics.settle_seconds.observe(time.perf_counter() - start)
             if span is not None:
                 Tracing.settled(span, outcome.kind, outcome.usage, done)
@@ -154,7 +226,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             if span is not None:
                 Tracing.failed(span, exc)
 
-    def _request_body(
+    async def _request_body(
         self, req: pb.ProcessingRequest, info: ReservationInfo | None
     ) -> pb.ProcessingResponse:
         body = req.request_body.body
@@ -164,7 +236,11 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             or not self._enforcer.policy.requests.add_stream_usage
         ):
             return pb.ProcessingResponse(request_body=_CONTINUE_BODY)
-        rewritten = with_include_usage(body)
+        # Parsed and re-encoded: a big body off the event loop (authz.offload).
+        if len(body) <= INLINE_BYTES:
+            rewritten = with_include_usage(body)
+        else:
+            rewritten = await run_off_loop(with_include_usage, body)
         if rewritten is None:
             return pb.ProcessingResponse(request_body=_CONTINUE_BODY)
         # Ask for the final usage chunk so a streamed answer settles exactly. In
@@ -180,22 +256,26 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         info: ReservationInfo | None = None
         tracker: ResponseTracker | None = None
         finished = False
+        refused = False  # a handle that did not verify: pass the stream through, once
         department = ""
         span: Span | None = None
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
-                if info is None:
-                    info = _reservation(req)
+                if info is None and not refused:
+                    found = self._verified(req, context)
+                    refused = isinstance(found, SettleRefusal)
+                    info = None if isinstance(found, SettleRefusal) else found
                     if info is not None:
                         subject, department = _labels(req)
                         if self._tracing is not None and span is None:
                             span = self._start_span(context, req, info, subject)
                 if kind == "request_body":
-                    yield self._request_body(req, info)
+                    yield await self._request_body(req, info)
                 elif kind == "response_headers":
+                    bounds = self._enforcer.policy.bounds
                     yield self._on_headers(
-                        req, info, tracker := ResponseTracker(info) if info else None
+                        req, info, tracker := ResponseTracker(info, bounds) if info else None
                     )
                     if tracker is not None and tracker.outcome is not None:
                         self._settle_later(tracker.info, tracker.outcome, department, span)
@@ -203,13 +283,14 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                 elif kind == "response_body":
                     resp = pb.ProcessingResponse(response_body=_CONTINUE_BODY)
                     if tracker is not None and not finished:
-                        outcome = tracker.on_body(
+                        outcome = await tracker.feed(  # bounded decode, yields
                             req.response_body.body, req.response_body.end_of_stream
                         )
                         if outcome is not None:
                             finished = True
                             self._settle_later(tracker.info, outcome, department, span)
-                            resp.dynamic_metadata.CopyFrom(_usage_metadata(outcome))
+                            if outcome.later is None:  # else not known yet: no log field
+                                resp.dynamic_metadata.CopyFrom(_usage_metadata(outcome))
                     yield resp
                 else:
                     yield _continue(kind)

@@ -109,6 +109,11 @@ class Authenticator:
         ):
             await self._jwks.reload()
 
+    def forget_idle(self, now: float, idle_s: float) -> int:
+        """Forget verified tokens not presented for ``idle_s`` seconds (memory follows
+        activity); API keys are the policy's own, never forgotten."""
+        return self._jwt.forget_idle(now, idle_s) if self._jwt is not None else 0
+
     async def aclose(self) -> None:
         """Stop background JWKS refreshes and close the HTTP client if we opened it."""
         if self._jwks is not None:

@@ -46,8 +46,9 @@ _PYJWT_ERRORS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
     (jwt.PyJWTError, "malformed_token", "the token cannot be decoded"),
 )
 
-# (claims, deadline, deadline_is_exp). A cached token needs no crypto until deadline.
-_Entry = tuple[Mapping[str, Any], float, bool]
+# (claims, deadline, deadline_is_exp, last used). A cached token needs no crypto until
+# deadline; one not presented for a while is forgotten (forget_idle), whatever its exp.
+_Entry = tuple[Mapping[str, Any], float, bool, float]
 
 
 def looks_like_jwt(credential: str) -> bool:
@@ -115,8 +116,10 @@ class JwtVerifier:
         entry = self._cache.get(digest)
         if entry is None:
             return None
-        claims, deadline, deadline_is_exp = entry
-        if self._clock.now() < deadline:
+        claims, deadline, deadline_is_exp, _ = entry
+        now = self._clock.now()
+        if now < deadline:
+            self._cache[digest] = (claims, deadline, deadline_is_exp, now)
             self._cache.move_to_end(digest)
             return claims
         del self._cache[digest]
@@ -132,9 +135,30 @@ class JwtVerifier:
             # No exp (allowed only if the policy does not require it): re-verify now
             # and then so that a key dropped from the JWKS stops being honoured.
             deadline, deadline_is_exp = self._clock.now() + self._settings.jwks_cache_s, False
-        self._cache[digest] = (claims, deadline, deadline_is_exp)
+        self._cache[digest] = (claims, deadline, deadline_is_exp, self._clock.now())
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+    def forget_idle(self, now: float, idle_s: float) -> int:
+        """Forget tokens not presented for ``idle_s`` seconds; return how many.
+
+        Least recently used first (the order is the LRU order), so this stops at the
+        first token used lately: O(forgotten). A fresh dict once most are gone, as a
+        dict never shrinks its table by deletion.
+        """
+        cache, dropped = self._cache, 0
+        while cache:
+            digest, entry = next(iter(cache.items()))
+            if entry[3] > now - idle_s:
+                break
+            del cache[digest]
+            dropped += 1
+        if dropped > len(cache):
+            self._cache = OrderedDict(cache)
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     async def _verify_uncached(self, token: bytes) -> Mapping[str, Any]:
         try:

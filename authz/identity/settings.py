@@ -106,3 +106,7 @@ class IdentitySettings:
     jwt: JwtSettings | None = None
     envoy_payload_key: str = "jwt_payload"
     api_keys: tuple[ApiKeyEntry, ...] = ()
+    # envoy_jwt_authn takes any caller of the gRPC port at its word: without mTLS (only
+    # the gateway holds a client certificate) the server refuses to start with it unless
+    # the operator states here that the network already authenticates callers (a mesh).
+    trust_network: bool = False

@@ -18,12 +18,18 @@ __all__ = [
 ]
 
 
-def open_ledger(url: str, clock: Clock) -> Ledger:
-    """``memory://``, or ``redis://`` / ``rediss://`` / ``redis+cluster://`` (see
+def open_ledger(url: str, clock: Clock, *, state_dir: str = ".") -> Ledger:
+    """``memory://``, ``sqlite:///path.db`` (relative to ``state_dir``; see
+    :mod:`authz.ledger.sqlite`: locked and loaded here, raising ``LedgerLocked`` if another
+    process has the file), or ``redis://`` / ``rediss://`` / ``redis+cluster://`` (see
     :mod:`authz.ledger.redis.config`; with ``lease=on``, wrapped in edge
     leases). ``ValueError`` for a bad URL; nothing connects until the first call."""
     if url.startswith("memory://"):
         return MemoryLedger(clock)
+    if url.startswith("sqlite:"):
+        from authz.ledger.sqlite import SqliteLedger, parse_sqlite_url
+
+        return SqliteLedger(parse_sqlite_url(url, state_dir), clock)
     from authz.ledger.redis.config import parse_redis_url
     from authz.ledger.redis.ledger import RedisLedger
 

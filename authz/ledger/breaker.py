@@ -195,6 +195,21 @@ class BreakerLedger:
         self._kick_replay()  # entries journaled while the breaker stayed closed
         return n
 
+    async def ping(self) -> bool:
+        """A PING through the circuit, for readiness (authz/readiness.py): once cooled
+        down it is the half-open probe, so a replica without traffic still closes its
+        breaker. A ledger without ``ping`` counts as reachable."""
+        ping = getattr(self.inner, "ping", None)
+        if ping is None:
+            return True
+        if self._circuit.state is BreakerState.OPEN:
+            return False
+        try:
+            await self._ask(ping, self._slow_timeout)
+        except NoAnswer:
+            return False
+        return True
+
     async def balance(self, limit: Limit) -> Balance:
         try:
             return await self._ask(lambda: self.inner.balance(limit), self._slow_timeout)

@@ -54,6 +54,7 @@ from authz.ledger.redis.sync import (
     run_sync,
 )
 from authz.ledger.rollup import Granularity, UsageRow
+from authz.usage.bounds import ledger_usage
 from authz.usage.types import TokenUsage
 
 __all__ = ["LeasedLedger"]
@@ -103,6 +104,7 @@ class LeasedLedger:
         model: str = "",
     ) -> Reservation | Refusal:
         org = self._org(self.central.keys.tag_for(reservation_id, limits))
+        tokens, expiry_charge = ledger_usage(tokens), ledger_usage(expiry_charge)  # as Lua
         units = tuple(lim.units(tokens) for lim in limits)
         local = LocalReservation(reservation_id, limits, units, deadline, expiry_charge, model)
         done = self._take_local(org, local)
@@ -238,6 +240,7 @@ class LeasedLedger:
         return next((o for o in self._orgs.values() if reservation_id in o.entries), None)
 
     async def settle(self, reservation_id: str, actual: TokenUsage) -> SettleOutcome:
+        actual = ledger_usage(actual)  # the local tally must agree with what Lua charges
         org = self._owner(reservation_id)
         while org is not None and reservation_id in org.entries:
             entry = org.entries[reservation_id]
@@ -317,6 +320,9 @@ class LeasedLedger:
             elif self._failing and not errors:
                 log.info("lease flush recovered")
             self._failing = bool(errors)
+
+    async def ping(self) -> None:
+        await self.central.ping()
 
     async def close(self) -> None:
         """Flush and give every lease back, then close the connection."""

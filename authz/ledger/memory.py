@@ -7,14 +7,29 @@ counters, so a reservation is checked and taken on every limit in one step.
 from __future__ import annotations
 
 import heapq
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from authz.clock import Clock
 from authz.ledger.base import Balance, Limit, Refusal, Reservation, SettleOutcome
+from authz.usage.bounds import ledger_usage
 from authz.usage.types import TokenUsage
 
-__all__ = ["MemoryLedger"]
+__all__ = ["Changes", "MemoryLedger"]
+
+
+class Changes:
+    """What changed since a write-behind store (authz.ledger.sqlite) last took it: counter
+    keys (created, updated or dropped; a burst debt lives under its counter's key) and
+    reservation or charge ids (opened, settled, expired)."""
+
+    __slots__ = ("ids", "keys")
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.ids: set[str] = set()
 
 
 @dataclass(slots=True)
@@ -35,6 +50,13 @@ class _Open:
     expiry_charge: TokenUsage
 
 
+def _compact(memory: dict[str, Any]) -> dict[str, Any]:
+    """The same dict, rebuilt if deletions left its hash table over four times too big
+    (a dict never shrinks its table by deletion: 200k ids gone would keep ~8 MB)."""
+    size = sys.getsizeof(memory)
+    return dict(memory) if size > 8192 + 200 * len(memory) else memory
+
+
 def _forget(memory: dict[str, Any], now: float, cap: int) -> None:
     """Drop entries from the front of an insertion-ordered dict whose last field is a
     forget-at time: all that are due, and the oldest beyond ``cap``."""
@@ -49,15 +71,29 @@ def _forget(memory: dict[str, Any], now: float, cap: int) -> None:
 
 class MemoryLedger:
     """Counters and reservations in dicts; every structure is bounded so memory stays
-    flat however many checks pass: windows end, settled ids are forgotten, and each
-    memory of closed reservations has a cap as well as an age."""
+    flat however many checks pass, and follows activity, not history (issue 9, #7):
+    counters go when their window ends and nothing holds them, settled ids, expired
+    reservations and charge ids after an age and beyond a cap, and this happens on the
+    periodic ``expire`` (the server's sweep) too, so an idle ledger shrinks back.
+
+    How long an expired reservation is kept (``remember_expired_s``, 600 s): a late
+    settle comes from an ext_proc stream that outlived the reservation's TTL. The shipped
+    Envoy route has no overall deadline (long streamed answers are normal) but cuts an
+    upstream silent for 300 s (``idle_timeout``); a stream still running 10 minutes past
+    its TTL (600 s by default, so 20 minutes after its check) is charged the expiry
+    amount and its real usage is refused as unknown. Serve longer answers? Raise
+    ``reservations.ttl_s`` above the longest, not this. Settled ids are kept 60 s: the
+    ledger's own idempotency comes from the open reservations (a second settle finds
+    none), the ids only inform a write-behind store. Charge ids (journal replays) stay
+    an hour: a replay can follow a long outage."""
 
     def __init__(
         self,
         clock: Clock,
         *,
-        remember_settled_s: float = 600.0,
-        remember_expired_s: float = 3600.0,
+        remember_settled_s: float = 60.0,
+        remember_expired_s: float = 600.0,
+        remember_charges_s: float = 3600.0,
         max_remembered: int = 200_000,
     ) -> None:
         self._clock = clock
@@ -73,12 +109,23 @@ class MemoryLedger:
         self._charges: dict[str, float] = {}  # charge id -> forget_at, like settled ids
         self._settled_s = remember_settled_s
         self._expired_s = remember_expired_s
+        self._charges_s = remember_charges_s
         self._cap = max_remembered
         self._next_prune = 0.0
         # Overdrafts of pruned burst windows: key -> (debt, forget_at).
         self._debts: dict[str, tuple[int, float]] = {}
+        self.changes: Changes | None = None  # recorded only when a store asks for it
+
+    def _changed(self, keys: Iterable[str], rid: str) -> None:
+        if self.changes is not None:
+            self.changes.keys.update(keys)
+            self.changes.ids.add(rid)
 
     def _counter(self, limit: Limit) -> _Counter:
+        if self.changes is not None:
+            self.changes.keys.add(limit.key)
+            if limit.carry_from is not None:
+                self.changes.keys.add(limit.carry_from)
         c = self._counters.get(limit.key)
         if c is None:
             c = self._counters[limit.key] = _Counter(
@@ -108,6 +155,7 @@ class MemoryLedger:
         model: str = "",
     ) -> Reservation | Refusal:
         self._maintain()
+        tokens, expiry_charge = ledger_usage(tokens), ledger_usage(expiry_charge)  # as Redis
         counters = [self._counter(lim) for lim in limits]
         units = tuple(lim.units(tokens) for lim in limits)
         for lim, c, u in zip(limits, counters, units, strict=True):
@@ -121,9 +169,11 @@ class MemoryLedger:
         keys = tuple(lim.key for lim in limits)
         self._open[reservation_id] = _Open(keys, limits, units, deadline, expiry_charge)
         heapq.heappush(self._deadlines, (deadline, reservation_id))
+        self._changed((), reservation_id)
         return Reservation(reservation_id, limits, units, tuple(remaining), deadline)
 
     async def settle(self, reservation_id: str, actual: TokenUsage) -> SettleOutcome:
+        actual = ledger_usage(actual)  # each count within [0, LEDGER_MAX_TOKENS], as Redis
         res = self._open.pop(reservation_id, None)
         if res is not None:
             charged = tuple(lim.settled_units(actual) for lim in res.limits)
@@ -133,6 +183,7 @@ class MemoryLedger:
                     c.reserved -= held
                     c.used += spent
             self._settled[reservation_id] = self._clock.now() + self._settled_s
+            self._changed(res.keys, reservation_id)
             return SettleOutcome(settled=True)
         expired = self._expired.pop(reservation_id, None)
         if expired is not None:
@@ -144,10 +195,12 @@ class MemoryLedger:
                 if c is not None:
                     c.used += now - was
             self._settled[reservation_id] = self._clock.now() + self._settled_s
+            self._changed((lim.key for lim in limits), reservation_id)
             return SettleOutcome(settled=True, late=True)
         return SettleOutcome(settled=False)
 
     async def expire(self, now: float) -> int:
+        self._maintain()  # the sweep calls this every second: an idle ledger shrinks too
         count = 0
         while self._deadlines and self._deadlines[0][0] <= now:
             _, rid = heapq.heappop(self._deadlines)
@@ -161,15 +214,18 @@ class MemoryLedger:
                     c.reserved -= held
                     c.used += spent
             self._expired[rid] = (res.limits, charged, now + self._expired_s)
+            self._changed(res.keys, rid)
             count += 1
         return count
 
     async def charge(self, charge_id: str, limits: tuple[Limit, ...], actual: TokenUsage) -> bool:
+        actual = ledger_usage(actual)
         if charge_id in self._charges:
             return False
         for lim in limits:
             self._counter(lim).used += lim.settled_units(actual)
-        self._charges[charge_id] = self._clock.now() + self._expired_s
+        self._charges[charge_id] = self._clock.now() + self._charges_s
+        self._changed((), charge_id)
         return True
 
     async def balance(self, limit: Limit) -> Balance:
@@ -197,6 +253,8 @@ class MemoryLedger:
                 heapq.heappush(self._ends, (max(c.window_end, now + 60.0), key))
                 continue
             del self._counters[key]
+            if self.changes is not None:
+                self.changes.keys.add(key)
             if c.nominal and c.used > c.nominal:
                 # A month can pass before the next window's first request: keep the debt.
                 self._debts[key] = (c.used - c.nominal, now + 40 * 86400)
@@ -205,6 +263,9 @@ class MemoryLedger:
         _forget(self._settled, now, self._cap)
         _forget(self._expired, now, self._cap)
         _forget(self._charges, now, self._cap)
+        self._counters, self._open = _compact(self._counters), _compact(self._open)
+        self._settled, self._expired = _compact(self._settled), _compact(self._expired)
+        self._charges, self._debts = _compact(self._charges), _compact(self._debts)
         if len(self._deadlines) > 2 * len(self._open) + 1024:
             # Settled reservations leave their deadline in the heap: rebuild it from the
             # open ones before it outgrows them.

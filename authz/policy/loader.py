@@ -7,7 +7,9 @@ Unknown keys are errors too: a typo must not silently drop a budget.
 
 from __future__ import annotations
 
+import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -24,6 +26,8 @@ from authz.identity.settings import (
     JwtSettings,
 )
 from authz.ledger.redis.config import parse_redis_url, redact_url
+from authz.ledger.sqlite import parse_sqlite_url
+from authz.policy.bounds import parse_bounds
 from authz.policy.ledger_settings import parse_breaker
 from authz.policy.loader_admission import (
     amount_or_share,
@@ -34,6 +38,7 @@ from authz.policy.loader_admission import (
     parse_schedule,
 )
 from authz.policy.loader_observability import parse_alerts, parse_audit
+from authz.policy.loader_requests import parse_unmetered
 from authz.policy.model import (
     HIERARCHY,
     LEAF_LEVELS,
@@ -54,6 +59,12 @@ __all__ = ["load_policy", "parse_policy"]
 
 T = TypeVar("T")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Counts are exact up to 2**53 in every ledger (Redis scripts compute in doubles).
+MAX_COUNT = 2**53 - 1
+# The bad value, quoted in an error: short, and never deeper than a few levels (the
+# plain repr of a list nested a thousand deep would itself raise RecursionError).
+_SHOW = reprlib.Repr()
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong, _SHOW.maxlevel = 120, 120, 60, 3
 
 
 class _Reader:
@@ -64,7 +75,11 @@ class _Reader:
 
     def fail(self, path: str, message: str, value: Any = ...) -> NoReturn:
         if value is not ...:
-            message = f"{message} (got {value!r})"
+            try:
+                shown = _SHOW.repr(value)
+            except Exception:  # a subclass with its own (recursive) repr
+                shown = f"a {type(value).__name__}"
+            message = f"{message} (got {shown})"
         raise PolicyError(self.file, path, message)
 
     def mapping(
@@ -105,11 +120,21 @@ class _Reader:
     def integer(self, value: Any, path: str, minimum: int = 0) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             self.fail(path, f"must be an integer >= {minimum}", value)
+        if value > MAX_COUNT:
+            self.fail(path, f"must be at most {MAX_COUNT} (2**53 - 1)", value)
         return value
 
     def number(self, value: Any, path: str, minimum: float = 0.0) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        # NaN compares false with everything: without isfinite it would pass any bound.
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (isinstance(value, float) and not math.isfinite(value))
+            or value < minimum
+        ):
             self.fail(path, f"must be a number >= {minimum}", value)
+        if value > MAX_COUNT:
+            self.fail(path, f"must be at most {MAX_COUNT} (2**53 - 1)", value)
         return float(value)
 
     def boolean(self, value: Any, path: str) -> bool:
@@ -132,8 +157,14 @@ class _Reader:
 
 
 def _identity(r: _Reader, raw: Any, base: Path) -> IdentitySettings:
-    m = r.mapping(raw, "identity", {"source", "jwt", "api_keys", "envoy_payload_key"})
+    allowed = {"source", "jwt", "api_keys", "envoy_payload_key", "trust_network"}
+    m = r.mapping(raw, "identity", allowed)
     source = r.choice(m.get("source", "jwt"), "identity.source", ("jwt", "envoy_jwt_authn"))
+    # Only envoy_jwt_authn believes what the caller of the gRPC port says; the server
+    # refuses that source without mTLS unless this says the network is trusted.
+    trust = r.boolean(m.get("trust_network", False), "identity.trust_network")
+    if trust and source != "envoy_jwt_authn":
+        r.fail("identity.trust_network", "applies only when source is envoy_jwt_authn", trust)
     jwt = _jwt(r, m["jwt"], base) if "jwt" in m else None
     if source == "jwt" and jwt is None and not m.get("api_keys"):
         r.fail("identity.jwt", "is required when source is jwt and no api_keys are given")
@@ -144,7 +175,11 @@ def _identity(r: _Reader, raw: Any, base: Path) -> IdentitySettings:
             r.fail(f"identity.api_keys[{i}].name", "duplicate api key name", name)
     payload_key = r.string(m.get("envoy_payload_key", "jwt_payload"), "identity.envoy_payload_key")
     return IdentitySettings(
-        source=cast(Any, source), jwt=jwt, envoy_payload_key=payload_key, api_keys=keys
+        source=cast(Any, source),
+        jwt=jwt,
+        envoy_payload_key=payload_key,
+        api_keys=keys,
+        trust_network=trust,
     )
 
 
@@ -172,7 +207,11 @@ def _jwt(r: _Reader, raw: Any, base: Path) -> JwtSettings:
     file = None
     if "jwks_file" in m:
         file_path = base / r.string(m["jwks_file"], f"{p}.jwks_file")
-        if not file_path.is_file():
+        try:
+            found = file_path.is_file()
+        except OSError as exc:  # e.g. a name too long for the file system
+            r.fail(f"{p}.jwks_file", f"cannot be read: {exc.strerror}", str(file_path))
+        if not found:
             r.fail(f"{p}.jwks_file", "file not found", str(file_path))
         file = str(file_path)
     return JwtSettings(
@@ -210,7 +249,7 @@ def _level_rule(r: _Reader, raw: Any, p: str, level: str, leaf: bool) -> LevelRu
         text = r.string(m["pattern"], f"{p}.pattern")
         try:
             pattern = re.compile(text)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # a{99999999999}: Overflow
             r.fail(f"{p}.pattern", f"is not a valid regular expression: {exc}", text)
     missing, fallback = "deny", None
     raw_missing = m.get("missing", "deny")
@@ -224,6 +263,9 @@ def _level_rule(r: _Reader, raw: Any, p: str, level: str, leaf: bool) -> LevelRu
     require: tuple[tuple[str, str], ...] = ()
     if "require" in m:
         req = r.free_mapping(m["require"], f"{p}.require")
+        for k, v in req.items():
+            if isinstance(v, list | dict) or v is None:
+                r.fail(f"{p}.require.{k}", "must be the claim's value (a string or number)", v)
         require = tuple((k, str(v)) for k, v in req.items())
     return LevelRule(level, claims, pattern, cast(Any, missing), fallback, require)
 
@@ -315,7 +357,7 @@ def _models(r: _Reader, raw: Any) -> ModelPolicy:
 
 
 def _requests(r: _Reader, raw: Any) -> RequestPolicy:
-    m = r.mapping(raw, "requests", {"bad_body", "other_paths", "add_stream_usage"})
+    m = r.mapping(raw, "requests", {"bad_body", "other_paths", "unmetered", "add_stream_usage"})
     bad = m.get("bad_body", "deny")
     bad_mode, bad_tokens = "deny", 0
     if isinstance(bad, dict):
@@ -329,9 +371,7 @@ def _requests(r: _Reader, raw: Any) -> RequestPolicy:
     return RequestPolicy(
         bad_body=cast(Any, bad_mode),
         bad_body_tokens=bad_tokens,
-        other_paths=cast(
-            Any, r.choice(m.get("other_paths", "allow"), "requests.other_paths", ("allow", "deny"))
-        ),
+        unmetered=parse_unmetered(r, m),
         add_stream_usage=r.boolean(m.get("add_stream_usage", True), "requests.add_stream_usage"),
     )
 
@@ -374,6 +414,7 @@ def parse_policy(data: Any, file: str) -> Policy:
             "schedule",
             "audit",
             "alerts",
+            "bounds",
         },
         {"version", "identity", "subject", "budgets"},
     )
@@ -382,7 +423,7 @@ def parse_policy(data: Any, file: str) -> Policy:
     tz_name = r.string(top.get("timezone", "UTC"), "timezone")
     try:
         tz = ZoneInfo(tz_name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long
         r.fail("timezone", "is not a known IANA timezone", tz_name)
     base = Path(file).parent
     weights = _weights(r, top.get("weights", {}), "weights", Weights())
@@ -410,14 +451,20 @@ def parse_policy(data: Any, file: str) -> Policy:
         r.fail("prices", "is required when a budget has a cost")
     ledger = r.mapping(top.get("ledger", {}), "ledger", {"url", "breaker"})
     url = r.string(ledger.get("url", "memory://"), "ledger.url")
-    if not url.startswith("memory://"):
+    if url.startswith("sqlite:"):
+        try:
+            parse_sqlite_url(url)  # the path resolves at start, against --state-dir
+        except ValueError as exc:
+            r.fail("ledger.url", str(exc))
+    elif not url.startswith("memory://"):
         # No slot check is needed for redis+cluster: every subject path starts at its
         # org (org cannot be skipped, see _level_rule), and the Redis ledger hash-tags
         # every key with that org, so no budget path can span two cluster slots.
         try:
             parse_redis_url(url)
         except ValueError as exc:
-            r.fail("ledger.url", f"{exc} (memory://, redis://, rediss:// or redis+cluster://)",
+            r.fail("ledger.url", f"{exc} (memory://, sqlite:///, redis://, rediss://"
+                   " or redis+cluster://)",
                    redact_url(url))  # fmt: skip
     return Policy(
         source=file,
@@ -437,6 +484,7 @@ def parse_policy(data: Any, file: str) -> Policy:
         schedule=parse_schedule(r, top["schedule"]) if "schedule" in top else None,
         audit=parse_audit(r, top["audit"], base) if "audit" in top else AuditPolicy(),
         alerts=parse_alerts(r, top["alerts"]) if "alerts" in top else AlertPolicy(),
+        bounds=parse_bounds(r, top.get("bounds", {})),
     )
 
 
@@ -447,8 +495,12 @@ def load_policy(path: str | Path) -> Policy:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(file, "", f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(file, "", f"is not UTF-8 text (byte {exc.start})") from exc
     try:
         data = yaml.safe_load(text)
+    except RecursionError as exc:  # PyYAML composes nested collections recursively
+        raise PolicyError(file, "", "is nested too deeply to be a policy") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"

@@ -12,6 +12,7 @@ from datetime import time
 from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 from authz.policy.admission import RATE_KINDS, Match, Price, Pricing, QueuePolicy, Rate, Schedule
+from authz.policy.names import escape_name
 
 __all__ = [
     "amount_or_share",
@@ -51,7 +52,12 @@ def parse_match(r: Reader, raw: Any, p: str) -> Match:
         r.fail(p, "must name at least one level (e.g. {org: acme} or {user: '*'})")
     if "user" in match and "app" in match:
         r.fail(p, "cannot name both user and app: a path ends in one of them")
-    return tuple((lv, r.string(str(match[lv]), f"{p}.{lv}")) for lv in LEVELS if lv in match)
+    for lv in match:
+        if isinstance(match[lv], list | dict) or match[lv] is None:
+            r.fail(f"{p}.{lv}", "must be a name or '*'", match[lv])
+    # Names compare with escaped claim values (authz.policy.names): escape them alike.
+    names = ((lv, r.string(str(match[lv]), f"{p}.{lv}")) for lv in LEVELS if lv in match)
+    return tuple((lv, v if v == "*" else escape_name(v)) for lv, v in names)
 
 
 def amount_or_share(r: Reader, raw: Any, p: str, of: int) -> int:
@@ -134,7 +140,9 @@ def parse_queue(r: Reader, raw: Any) -> QueuePolicy:
 
 
 def _clock_time(r: Reader, raw: Any, p: str) -> time:
-    text = r.string(str(raw), p)
+    if not isinstance(raw, str):  # an unquoted 09:00 is YAML 1.1's sexagesimal 540
+        r.fail(p, "must be a 24-hour time like '09:00' (quoted)", raw)
+    text = r.string(raw, p)
     m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", text)
     if m is None:
         r.fail(p, "must be a 24-hour time like '09:00'", raw)

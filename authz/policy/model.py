@@ -13,9 +13,12 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from authz.identity.settings import IdentitySettings
+from authz.paths import PathRule
 from authz.policy.admission import Pricing, QueuePolicy, Rate, Schedule, matches
+from authz.policy.bounds import BoundsSettings
 from authz.policy.ledger_settings import BreakerSettings
 from authz.policy.observability import AlertPolicy, AuditPolicy
+from authz.recent import Recent
 from authz.usage.types import TokenUsage
 
 __all__ = [
@@ -189,7 +192,12 @@ class ModelPolicy:
 class RequestPolicy:
     bad_body: Literal["deny", "reserve"] = "deny"
     bad_body_tokens: int = 0
-    other_paths: Literal["allow", "deny"] = "allow"  # non-AI paths (e.g. GET /v1/models)
+    # What passes without a charge (requests.unmetered); any other request that is no
+    # metered API is refused (403). Parsed by authz.policy.loader_requests.
+    unmetered: tuple[PathRule, ...] = (
+        PathRule("GET /v1/models", "GET", ("v1", "models")),
+        PathRule("GET /v1/models/*", "GET", ("v1", "models", "*")),
+    )
     add_stream_usage: bool = True
 
 
@@ -218,12 +226,18 @@ class Policy:
     schedule: Schedule | None = None
     audit: AuditPolicy = field(default_factory=AuditPolicy)
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
-    _cache: dict[tuple[Node, ...], tuple[Budget, ...]] = field(
-        default_factory=dict, compare=False, repr=False
+    bounds: BoundsSettings = field(default_factory=BoundsSettings)  # see policy/bounds.py
+    # Per-path memos (bounded, and forgotten when idle: authz.recent).
+    _cache: Recent[tuple[Node, ...], tuple[Budget, ...]] = field(
+        default_factory=Recent, compare=False, repr=False
     )
-    _rate_cache: dict[tuple[Node, ...], tuple[Rate, ...]] = field(
-        default_factory=dict, compare=False, repr=False
+    _rate_cache: Recent[tuple[Node, ...], tuple[Rate, ...]] = field(
+        default_factory=Recent, compare=False, repr=False
     )
+
+    def forget_idle(self) -> int:
+        """Drop per-path memos not used since the last call (the enforcer's sweep)."""
+        return self._cache.rotate() + self._rate_cache.rotate()
 
     @property
     def has_cost_budgets(self) -> bool:
@@ -239,8 +253,6 @@ class Policy:
         for r in found:
             best[(r.level, r.kind)] = max(best.get((r.level, r.kind), -1), r.specificity)
         chosen = tuple(r for r in found if r.specificity == best[(r.level, r.kind)])
-        if len(self._rate_cache) > 100_000:
-            self._rate_cache.clear()
         self._rate_cache[path.nodes] = chosen
         return chosen
 
@@ -259,7 +271,5 @@ class Policy:
             slot = (b.level, b.period, b.unit)
             best[slot] = max(best.get(slot, -1), b.specificity)
         chosen = tuple(b for b in matching if b.specificity == best[(b.level, b.period, b.unit)])
-        if len(self._cache) > 100_000:  # bounded: one entry per distinct path
-            self._cache.clear()
         self._cache[path.nodes] = chosen
         return chosen

@@ -30,9 +30,16 @@ class PolicyStore:
         self.reload_failures = 0
         self._listeners: list[Callable[[Policy], None]] = []
         self._failure_listeners: list[Callable[[PolicyError], None]] = []
+        self._guards: list[Callable[[Policy], None]] = []
 
     def on_change(self, listener: Callable[[Policy], None]) -> None:
         self._listeners.append(listener)
+
+    def guard(self, check: Callable[[Policy], None]) -> None:
+        """A rule the file alone cannot know (e.g. one about how the server listens):
+        checked now, and on every reload, where a :class:`PolicyError` fails the reload."""
+        check(self.current)
+        self._guards.append(check)
 
     def on_failure(self, listener: Callable[[PolicyError], None]) -> None:
         """Called with the error of each reload that failed (the audit trail records it)."""
@@ -50,6 +57,8 @@ class PolicyStore:
         self._stamp = self._file_stamp()
         try:
             policy = load_policy(self.path)
+            for check in self._guards:
+                check(policy)
         except PolicyError as exc:
             self.reload_failures += 1
             log.error("policy reload failed; keeping the last good policy: %s", exc)

@@ -1,4 +1,13 @@
-"""Claims -> subject path (org -> department -> team -> user or app)."""
+"""Claims -> subject path (org -> department -> team -> user or app).
+
+Every name taken from a claim (or a policy fallback) goes through
+:func:`authz.policy.names.escape_name` here, once, so no claim value can contain a
+separator of paths, ledger keys, reservation ids or Redis hash tags and so name another
+node, counter or org (see that module). A value longer than
+:data:`~authz.policy.names.MAX_NAME_CHARS` is refused: :class:`SubjectUnmapped`, which the
+enforcer answers with 403 ``subject_unmapped``. An empty name (``""``, or a pattern whose
+group matched nothing) counts as no value: the next one, or the level's ``missing`` rule.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from authz.policy.model import LevelRule, Node, SubjectPath, SubjectRules
+from authz.policy.names import MAX_NAME_CHARS, escape_name
 
 __all__ = ["SubjectUnmapped", "map_subject"]
 
@@ -18,23 +28,32 @@ class SubjectUnmapped(Exception):
         super().__init__(message)
 
 
-def _pick(value: Any, rule: LevelRule) -> str | None:
+def _pick(value: Any, rule: LevelRule, claim: str) -> str | None:
     # A claim may be a string or a list (e.g. `groups`); with a pattern, the first
     # value that matches wins and its first group (or the whole match) is the name.
     values = value if isinstance(value, list) else [value]
     for item in values:
         if isinstance(item, bool) or not isinstance(item, str | int):
             continue
-        text = str(item)
-        if not text:
-            continue
-        if rule.pattern is None:
-            return text
-        m = rule.pattern.search(text)
-        if m is not None:
+        text = item if isinstance(item, str) else str(item)
+        name: str | None = text
+        if rule.pattern is not None:
+            m = rule.pattern.search(text)
+            if m is None:
+                continue
             if "name" in m.groupdict():
-                return m.group("name")
-            return m.group(1) if m.groups() else m.group(0)
+                name = m.group("name")
+            else:
+                name = m.group(1) if m.groups() else m.group(0)
+        if not name:
+            continue
+        if len(name) > MAX_NAME_CHARS:
+            raise SubjectUnmapped(
+                rule.level,
+                f"the {claim} claim for {rule.level} is longer than {MAX_NAME_CHARS}"
+                f" characters ({len(name)})",
+            )
+        return escape_name(name)
     return None
 
 
@@ -44,14 +63,14 @@ def _resolve(rule: LevelRule, claims: Mapping[str, Any]) -> str | None:
             return None
     for claim in rule.claims:
         if claim in claims:
-            name = _pick(claims[claim], rule)
+            name = _pick(claims[claim], rule, claim)
             if name is not None:
                 return name
     return None
 
 
 def map_subject(rules: SubjectRules, claims: Mapping[str, Any]) -> SubjectPath:
-    """Map verified claims to a path, or raise :class:`SubjectUnmapped`."""
+    """Map verified claims to a path of escaped names, or raise :class:`SubjectUnmapped`."""
     nodes: list[Node] = []
     for rule in rules.levels:
         name = _resolve(rule, claims)
@@ -59,7 +78,7 @@ def map_subject(rules: SubjectRules, claims: Mapping[str, Any]) -> SubjectPath:
             if rule.missing == "skip":
                 continue
             if rule.missing == "fallback" and rule.fallback is not None:
-                name = rule.fallback
+                name = escape_name(rule.fallback)
             else:
                 wanted = " or ".join(rule.claims)
                 raise SubjectUnmapped(rule.level, f"token has no {wanted} claim for {rule.level}")

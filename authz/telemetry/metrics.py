@@ -36,6 +36,8 @@ METRIC_NAMES = (
     "authz_check_seconds",
     "authz_settle_seconds",
     "authz_settlements_total",
+    "authz_settle_refused_total",
+    "authz_settlement_bounds_total",
     "authz_tokens_total",
     "authz_cost_total",
     "authz_reservations_expired_total",
@@ -76,6 +78,21 @@ class Metrics:
         )
         self.settlements = Counter(
             "authz_settlements", "Reservations settled", ["outcome"], registry=r
+        )
+        self.settle_refused = Counter(
+            "authz_settle_refused",
+            "Settlements refused because the reservation handle did not verify (a forged"
+            " stream, or replicas signing with different keys), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.settlement_bounds = Counter(
+            "authz_settlement_bounds",
+            "Settlements that did not charge what the upstream reported, by reason:"
+            " usage_above_bound (clamped), decoded_too_large or encoding_unsupported"
+            " (body not read: the reservation was charged)",
+            ["reason"],
+            registry=r,
         )
         self.tokens = Counter(
             "authz_tokens",

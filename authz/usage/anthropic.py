@@ -36,9 +36,13 @@ _DELTA_TEXT_KEYS = {
 }
 
 
-def _counts(usage: Mapping[str, Any]) -> dict[str, int]:
-    """The count fields present in ``usage``; thinking tokens under their own key."""
+def _counts(usage: Mapping[str, Any]) -> dict[str, int] | None:
+    """The count fields present in ``usage``; thinking tokens under their own key. None
+    when one is present but no count (negative, 1.5, "9"): dropping it alone would
+    charge a cache write or the output as zero."""
     counts = {k: v for k in _COUNT_KEYS if (v := count_field(usage, k)) is not None}
+    if len(counts) != sum(usage.get(k) is not None for k in _COUNT_KEYS):
+        return None
     if isinstance(usage.get("output_tokens_details"), Mapping):
         counts["thinking_tokens"] = details_field(usage, "output_tokens_details", "thinking_tokens")
     return counts
@@ -60,7 +64,8 @@ def message_usage(usage: object) -> TokenUsage | None:
     """The ``usage`` object of a complete Messages response, or None."""
     if not isinstance(usage, Mapping) or count_field(usage, "output_tokens") is None:
         return None
-    return _from_counts(_counts(usage))
+    counts = _counts(usage)
+    return None if counts is None else _from_counts(counts)
 
 
 class MessagesStream:
@@ -99,7 +104,10 @@ class MessagesStream:
     def _update(self, usage: Mapping[str, Any], *, final: bool) -> None:
         # Later numbers are cumulative, so they replace earlier ones key by key; a key
         # the delta leaves out keeps the value message_start gave it.
-        self._counts.update(_counts(usage))
+        counts = _counts(usage)
+        if counts is None:
+            return  # an unreadable event: the stream settles from what else it showed
+        self._counts.update(counts)
         self.seen = _from_counts(self._counts)
         self.output_tokens_seen = max(self.output_tokens_seen, self._counts.get("output_tokens", 0))
         if final and self.seen is not None:

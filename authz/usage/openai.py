@@ -63,8 +63,13 @@ def chat_usage(usage: object) -> TokenUsage | None:
     prompt = count_field(usage, "prompt_tokens")
     if prompt is None:
         return None
-    # Embeddings report no completion_tokens at all: they generate nothing.
-    output = count_field(usage, "completion_tokens") or 0
+    # Embeddings report no completion_tokens at all: they generate nothing. One that is
+    # there but no count (negative, 1.5, "9") is not "none": the usage is unreadable.
+    output = count_field(usage, "completion_tokens")
+    if output is None:
+        if usage.get("completion_tokens") is not None:
+            return None
+        output = 0
     return _split(
         prompt,
         details_field(usage, "prompt_tokens_details", "cached_tokens"),

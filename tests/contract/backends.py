@@ -15,7 +15,7 @@ from authz.ledger import Ledger, Limit, MemoryLedger, open_ledger
 from authz.policy.model import Weights
 from authz.usage.types import TokenUsage
 
-__all__ = ["LEDGERS", "ONE", "Factory", "lim", "tok"]
+__all__ = ["LEDGERS", "ONE", "UNIT", "Factory", "lim", "tok"]
 
 Factory = Callable[[pytest.FixtureRequest, FakeClock], Ledger]
 
@@ -27,13 +27,20 @@ def _redis(server_fixture: str, query: str) -> Factory:
     return make
 
 
+def _sqlite(request: pytest.FixtureRequest, clock: FakeClock) -> Ledger:
+    tmp = request.getfixturevalue("tmp_path")
+    return open_ledger("sqlite:///ledger.db", clock, state_dir=str(tmp))
+
+
 LEDGERS: dict[str, Factory] = {
     "memory": lambda _, clock: MemoryLedger(clock),
+    "sqlite": _sqlite,
     "redis": _redis("redis_server", "?lease=off"),
     "redis-leases": _redis("redis_server", "?lease=on&lease_flush_ms=10"),
     "cluster": _redis("redis_cluster", "?lease=off"),
     "cluster-leases": _redis("redis_cluster", "?lease=on&lease_flush_ms=10"),
 }
+UNIT = {"memory", "sqlite"}  # backends that need no server: the unit tier
 ONE = Weights()
 
 

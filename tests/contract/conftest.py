@@ -8,12 +8,12 @@ import pytest
 
 from authz.clock import FakeClock
 from authz.ledger import Ledger
-from tests.contract.backends import LEDGERS
+from tests.contract.backends import LEDGERS, UNIT
 
 
 @pytest.fixture(
     params=[
-        pytest.param(name, marks=pytest.mark.unit if name == "memory" else pytest.mark.integration)
+        pytest.param(name, marks=pytest.mark.unit if name in UNIT else pytest.mark.integration)
         for name in sorted(LEDGERS)
     ]
 )

@@ -21,6 +21,7 @@ POLICY = """
 version: 1
 identity:
   source: envoy_jwt_authn
+  trust_network: true  # plaintext loopback here; mTLS: tests/hostile/test_grpc_mtls.py
 subject:
   org: {claim: org_id}
   team: {claim: groups, pattern: "^team-(.+)$", missing: skip}

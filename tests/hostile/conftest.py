@@ -11,6 +11,17 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The e2e fixtures (fake upstream, the real Envoy on the shipped envoy.yaml, the port its
+# authz cluster targets), shared with tests/e2e rather than copied. Only tests that
+# name them start anything. Session-scoped ones are this directory's own instances.
+from tests.e2e.conftest import (  # noqa: F401  (fixtures, found by name)
+    authz_port,
+    envoy,
+    envoy_mutate,
+    fake_llm,
+    fake_llm_server,
+)
+
 settings.register_profile(
     "hostile",
     max_examples=200,

@@ -23,6 +23,11 @@ sent it, so tests can check what Envoy/the service changed in it):
     x-fake-chunk-delay-ms: N       wait after each streamed word (client-disconnect tests)
     x-fake-abort-after: N          upstream drops the connection after N streamed words
     x-fake-gzip: 1                 gzip the body (Content-Encoding) if the client accepts gzip
+    x-fake-gzip: always            gzip it whatever the client accepts (the shipped Envoy asks
+                                   for identity; an upstream may compress all the same)
+    x-fake-gzip-bomb: N            a hostile upstream: a gzip body (whatever the client
+                                   accepts) inflating to N MiB of zeros from about N KiB;
+                                   SSE content type when the request streams. No usage.
 
 A request's ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` caps the
 output as a real model does (finish_reason ``length``, stop_reason ``max_tokens``).
@@ -559,8 +564,15 @@ class FakeLLM:
             record.cache_creation_tokens = turn.cache_creation
             record.reasoning_tokens = turn.reasoning
             record.include_usage = turn.include_usage
-            gzip_it = request.headers.get("x-fake-gzip") == "1" and "gzip" in request.headers.get(
-                "accept-encoding", ""
+            bomb = _int_header(request, "x-fake-gzip-bomb", 0)
+            if bomb:
+                record.completed = True
+                kind = "text/event-stream" if record.stream else "application/json"
+                headers = {"Content-Type": kind, "Content-Encoding": "gzip"}
+                return web.Response(body=_gzip_bomb(bomb), headers=headers)
+            gzip_it = request.headers.get("x-fake-gzip") == "always" or (
+                request.headers.get("x-fake-gzip") == "1"
+                and "gzip" in request.headers.get("accept-encoding", "")
             )
             if record.stream and turn.api != "embeddings":
                 return await self._stream(request, record, turn, chunk_delay, abort_after, gzip_it)
@@ -661,6 +673,18 @@ class FakeLLM:
         except ConnectionResetError:
             pass  # the client went away: completed stays False
         return response
+
+
+_BOMBS: dict[int, bytes] = {}
+
+
+def _gzip_bomb(mib: int) -> bytes:
+    """``mib`` MiB of zeros, gzipped once per size (about 1000:1)."""
+    if mib not in _BOMBS:
+        z = zlib.compressobj(9, zlib.DEFLATED, 31)
+        block = bytes(1024 * 1024)
+        _BOMBS[mib] = b"".join(z.compress(block) for _ in range(mib)) + z.flush()
+    return _BOMBS[mib]
 
 
 def _headers(request: web.Request) -> dict[str, str]:

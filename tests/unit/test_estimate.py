@@ -97,9 +97,9 @@ def test_chat_limits_stream_and_include_usage() -> None:
         base | {"stream_options": {"include_usage": True}, "max_completion_tokens": 50},
     )
     assert (est.stream, est.include_usage, est.max_output_tokens) == (True, True, 50)
-    # max_completion_tokens replaced max_tokens and wins over it.
+    # Both limits present: an upstream may obey either, so the larger is reserved.
     both = {"max_completion_tokens": 50, "max_tokens": 100}
-    assert estimate(Api.OPENAI_CHAT, base | both).max_output_tokens == 50
+    assert estimate(Api.OPENAI_CHAT, base | both).max_output_tokens == 100
     # n choices each generate up to the limit.
     assert estimate(Api.OPENAI_CHAT, base | {"max_tokens": 100, "n": 3}).max_output_tokens == 300
 

@@ -18,6 +18,7 @@ from authz.apis import Api
 from authz.clock import FakeClock
 from authz.enforcer import CheckInput, Enforcer
 from authz.envoy.extproc import ExternalProcessorServicer
+from authz.handles import Handle, HandleKeys
 from authz.ledger import MemoryLedger
 from authz.policy.store import PolicyStore
 from authz.settle import BodyMode, ReservationInfo, ResponseTracker
@@ -26,6 +27,7 @@ from authz.usage.types import TokenUsage
 
 pytestmark = pytest.mark.unit
 BODIES = Path(__file__).parent.parent / "fixtures" / "bodies"
+KEYS = HandleKeys.random()  # what Check would sign with (authz.handles)
 INFO = ReservationInfo(
     "r1@acme", Api.OPENAI_CHAT, input_estimate=40, output_reserved=500, org="acme"
 )
@@ -120,6 +122,7 @@ def _meta(rid: str) -> pb.ProcessingRequest:
             "output_reserved": 100,
             "org": "acme",
             "model": "gpt-4o",
+            "mac": KEYS.sign(Handle(rid, "", "acme", "openai.chat", "gpt-4o", 10, 100, False)),
         }
     )
     req = pb.ProcessingRequest()
@@ -165,7 +168,7 @@ async def setup(tmp_path: Path) -> tuple[Enforcer, ExternalProcessorServicer, Me
     clock = FakeClock()
     ledger = MemoryLedger(clock)
     enf = Enforcer(PolicyStore(_policy(tmp_path)), ledger, clock)
-    return enf, ExternalProcessorServicer(enf, Metrics()), ledger
+    return enf, ExternalProcessorServicer(enf, Metrics(), handles=KEYS), ledger
 
 
 async def _reserve(enf: Enforcer, body: bytes) -> str:

@@ -13,7 +13,6 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -23,6 +22,7 @@ from authz.clock import FakeClock
 from authz.enforcer import Enforcer
 from authz.envoy.authz import AuthorizationServicer
 from authz.envoy.extproc import ExternalProcessorServicer
+from authz.handles import HandleKeys
 from authz.ledger import MemoryLedger
 from authz.policy.store import PolicyStore
 from authz.telemetry.logging import JsonFormatter, trace_ids
@@ -149,10 +149,11 @@ def _build(tmp_path: Path, tracing: Tracing | None) -> tuple[Enforcer, Any, Any]
     traced = TracedLedger(ledger, tracing.tracer) if tracing else ledger
     enforcer = Enforcer(PolicyStore(_policy(tmp_path)), traced, clock)  # type: ignore[arg-type]
     metrics = Metrics()
+    keys = HandleKeys.random()
     return (
         enforcer,
-        AuthorizationServicer(enforcer, metrics, tracing),
-        ExternalProcessorServicer(enforcer, metrics, tracing),
+        AuthorizationServicer(enforcer, metrics, tracing, handles=keys),
+        ExternalProcessorServicer(enforcer, metrics, tracing, handles=keys),
     )
 
 
@@ -230,14 +231,6 @@ async def test_sampler_from_the_environment_is_respected(
     assert provider.sampler is ALWAYS_OFF
 
 
-def _authz_meta(rid: str, traceparent: str) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update({"reservation_id": rid, "api": "openai.chat", "org": "acme", "model": "gpt-4o",
-              "subject": "org:acme/department:ml/user:ann", "input_estimate": 5,
-              "output_reserved": 20, "traceparent": traceparent})  # fmt: skip
-    return s
-
-
 async def test_settle_span_joins_the_check_trace_without_envoy_tracing(
     tmp_path: Path, spans: tuple[Tracing, InMemorySpanExporter]
 ) -> None:
@@ -245,7 +238,8 @@ async def test_settle_span_joins_the_check_trace_without_envoy_tracing(
     _, servicer, extproc = _build(tmp_path, tracing)
     resp = await servicer.Check(_check_request({"traceparent": f"00-{TRACE}-{CLIENT_SPAN}-01"}), Ctx({}))
     fields = resp.dynamic_metadata.fields
-    rid, tp = fields["reservation_id"].string_value, fields["traceparent"].string_value
+    rid = fields["reservation_id"].string_value
+    assert fields["traceparent"].string_value  # ext_proc's fallback parent rides along
     body = json.dumps({"usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
     hs = [base_pb2.HeaderValue(key=":status", raw_value=b"200"),
           base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")]  # fmt: skip
@@ -256,8 +250,9 @@ async def test_settle_span_joins_the_check_trace_without_envoy_tracing(
 
     async def stream() -> AsyncIterator[pb.ProcessingRequest]:
         for m in msgs:
+            # What Envoy forwards: Check's metadata as is (the signed handle, traceparent).
             m.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].CopyFrom(
-                _authz_meta(rid, tp)
+                resp.dynamic_metadata
             )
             yield m
 

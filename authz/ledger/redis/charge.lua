@@ -13,7 +13,7 @@ local base = ARGV[1]
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then
   return 0
 end
-local i, c, o = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local i, c, o = unpack(counts(ARGV[3], ARGV[4], ARGV[5]))
 for j = 1, tonumber(ARGV[6]) do
   local a = 7 + (j - 1) * 10
   local key = KEYS[1 + j]

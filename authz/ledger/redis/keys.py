@@ -4,7 +4,10 @@ An org's whole hierarchy (its counters, reservations, deadlines, leases and roll
 therefore lives in one Redis Cluster slot, and every script touches one slot only. The
 org is read from the reservation id (``<hex>@<org>``, made by the enforcer) and from a
 limit's node, which always starts at ``org:<name>``: the policy loader refuses a subject
-without an org, so no budget path can leave its org's slot.
+without an org, so no budget path can leave its org's slot. Names in nodes and ids are
+escaped where they are made (:mod:`authz.policy.names`): no claim value can carry a
+``/``, ``|``, ``@`` or brace into them, so none can name another org's tag; ``_tag``
+still copes with such names, for limits built by hand (tests, tools).
 
 Nodes that do not start at an org share one fallback tag (still correct, only not
 spread over the cluster). Ids without ``@`` are found through a small index key.

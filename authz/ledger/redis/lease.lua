@@ -60,9 +60,9 @@ for i = 1, ne do
   local rkey, pkey = KEYS[2 + nc + 2 * i - 1], KEYS[2 + nc + 2 * i]
   local rid, deadline = ARGV[a], tonumber(ARGV[a + 1])
   local rec = {s = 0, k = {}, n = {}, q = {}, w = {}, p = {}, m = ARGV[a + 2], d = deadline,
-               e = {tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])}}
+               e = counts(ARGV[a + 3], ARGV[a + 4], ARGV[a + 5])}
   local is_settled = ARGV[a + 6] == '1'
-  local tok = {tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])}
+  local tok = counts(ARGV[a + 7], ARGV[a + 8], ARGV[a + 9])
   local at, nl, idx = tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]), {}
   a = a + 12
   for j = 1, nl do

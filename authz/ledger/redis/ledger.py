@@ -27,6 +27,7 @@ from authz.ledger.rollup import (
     bucket_starts,
     rows_from_fields,
 )
+from authz.usage.bounds import ledger_usage
 from authz.usage.types import TokenUsage
 
 __all__ = ["RedisLedger", "limit_args", "weights_args"]
@@ -47,6 +48,10 @@ def limit_args(limit: Limit) -> list[Any]:
 
 
 def _tokens(t: TokenUsage) -> list[int]:
+    # Clamped as every ledger clamps (authz.usage.bounds.ledger_usage): past 2**53 a Lua
+    # number is no longer an exact integer, and HINCRBY refuses "1e+18" (lib.lua clamps
+    # too, for anything that reaches a script another way, e.g. a lease flush).
+    t = ledger_usage(t)
     return [t.input_tokens, t.cached_input_tokens, t.output_tokens]
 
 
@@ -97,6 +102,7 @@ class RedisLedger:
         expiry_charge: TokenUsage,
         model: str = "",
     ) -> Reservation | Refusal:
+        tokens, expiry_charge = ledger_usage(tokens), ledger_usage(expiry_charge)
         tag = self.keys.tag_for(reservation_id, limits)
         await self.register(tag)
         now = self._clock.now()
@@ -205,6 +211,10 @@ class RedisLedger:
         """Run lease.lua for one org (see :mod:`authz.ledger.lease`)."""
         await self.register(tag)
         return await self.client.script("lease", keys, args)
+
+    async def ping(self) -> None:
+        """One PING: the readiness check's "can the store be reached" (raises if not)."""
+        await self.client.call("PING")
 
     async def close(self) -> None:
         await self.client.close()

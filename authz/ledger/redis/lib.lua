@@ -29,6 +29,23 @@ local function num(v)
   return tonumber(v) or 0
 end
 
+-- A token count from ARGV, as authz.usage.bounds.ledger_usage clamps it: within
+-- [0, LEDGER_MAX_TOKENS]. The Python side clamps first; this is for whatever reaches a
+-- script another way. Past 2**53 a Lua number is no longer an exact integer, and
+-- HINCRBY refuses the "1e+18" such a number turns into (the reservation stayed open).
+local LEDGER_MAX_TOKENS = 1000000000
+local function token_count(v)
+  local n = tonumber(v)
+  if n == nil or n ~= n or n <= 0 then
+    return 0
+  end
+  return math.min(math.floor(n), LEDGER_MAX_TOKENS)
+end
+
+local function counts(i, c, o)
+  return {token_count(i), token_count(c), token_count(o)}
+end
+
 -- Counters are created by reserve/sync with a TTL; never recreate one without it here.
 local function bump(key, field, delta)
   if delta ~= 0 and redis.call('EXISTS', key) == 1 then

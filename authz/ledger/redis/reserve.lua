@@ -18,10 +18,10 @@ local base, rid, now, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(A
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {-1}
 end
-local tok = {tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])}
+local tok = counts(ARGV[7], ARGV[8], ARGV[9])
 local n = tonumber(ARGV[13])
 local rec = {s = 0, k = {}, n = {}, q = {}, w = {}, p = {}, m = ARGV[6], d = deadline,
-             e = {tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])}}
+             e = counts(ARGV[10], ARGV[11], ARGV[12])}
 local free = {}
 for j = 1, n do
   local o = 13 + (j - 1) * 11

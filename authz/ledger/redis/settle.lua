@@ -10,7 +10,7 @@
 -- Returns 1 settled, 2 settled late (expired: its charge corrected), 0 no-op
 -- (already settled or unknown), 3 parked (waiting for the owner's flush).
 local base, rid, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local tok = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
+local tok = counts(ARGV[4], ARGV[5], ARGV[6])
 local token = ARGV[8]
 local raw = redis.call('GET', KEYS[2])
 if raw then
