@@ -33,8 +33,8 @@ from opentelemetry.trace import Span
 
 from authz.apis import Api
 from authz.enforcer import Enforcer
-from authz.estimate import with_include_usage
 from authz.handles import MAC_FIELD, Handle, HandleKeys, SettleRefusal
+from authz.mutate.request import with_include_usage
 from authz.offload import INLINE_BYTES, run_off_loop
 from authz.policy.model import Policy
 from authz.settle import BodyMode, Outcome, ReservationInfo, ResponseTracker

@@ -19,8 +19,9 @@ from authz.clock import FakeClock
 from authz.decision import DenyReason, Verdict
 from authz.enforcer import CheckInput, Enforcer
 from authz.errors import BodyError
-from authz.estimate import RequestEstimate, estimate_request, with_include_usage
+from authz.estimate import RequestEstimate, estimate_request
 from authz.ledger import MemoryLedger
+from authz.mutate.request import with_include_usage
 from authz.policy.store import PolicyStore
 
 pytestmark = [pytest.mark.unit]

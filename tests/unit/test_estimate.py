@@ -15,8 +15,8 @@ from authz.estimate import (
     estimate_request,
     tokens_for_chars,
     tokens_for_text,
-    with_include_usage,
 )
+from authz.mutate.request import with_include_usage
 
 pytestmark = pytest.mark.unit
 
