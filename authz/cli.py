@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument(
         "--state-dir",
         default=os.environ.get("AUTHZ_STATE_DIR", "."),
-        help="where relative state paths (the usage journal) live; default: the working dir."
+        help="where relative state paths (the sqlite ledger, the usage journal) live;"
+        " default: the working dir."
         " With --workers N, worker i uses DIR/worker-i",
     )
     s.add_argument(
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("AUTHZ_HANDLE_KEY_FILE"),
         help="a secret of at least 32 bytes that signs reservation handles, the same on every"
         " replica (e.g. a Kubernetes Secret). Default: shared through Redis for a redis://"
-        " ledger, else random per process (docs/security.md)",
+        " ledger, kept beside the file for a sqlite:// ledger, else random per process"
+        " (docs/security.md)",
     )
     s.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "info"))
     s.add_argument(
