@@ -34,7 +34,7 @@ from opentelemetry.trace import Span
 from authz.apis import Api
 from authz.enforcer import Enforcer
 from authz.handles import MAC_FIELD, Handle, HandleKeys, SettleRefusal
-from authz.mutate.request import with_include_usage
+from authz.mutate.request import RequestChanges, with_include_usage
 from authz.offload import INLINE_BYTES, run_off_loop
 from authz.policy.model import Policy
 from authz.settle import BodyMode, Outcome, ReservationInfo, ResponseTracker
@@ -227,8 +227,10 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                 Tracing.failed(span, exc)
 
     async def _request_body(
-        self, req: pb.ProcessingRequest, info: ReservationInfo | None
+        self, req: pb.ProcessingRequest, info: ReservationInfo | None, changes: RequestChanges
     ) -> pb.ProcessingResponse:
+        """The request body, rewritten if the service needs to; ``changes`` records what
+        was changed, for the response phase."""
         body = req.request_body.body
         if (
             info is None
@@ -243,6 +245,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             rewritten = await run_off_loop(with_include_usage, body)
         if rewritten is None:
             return pb.ProcessingResponse(request_body=_CONTINUE_BODY)
+        changes.added_include_usage = True
         # Ask for the final usage chunk so a streamed answer settles exactly. In
         # BUFFERED mode with headers skipped Envoy drops content-length and re-frames.
         mutation = pb.CommonResponse(body_mutation=pb.BodyMutation(body=rewritten))
@@ -259,6 +262,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         refused = False  # a handle that did not verify: pass the stream through, once
         department = ""
         span: Span | None = None
+        changes = RequestChanges()
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
@@ -271,7 +275,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                         if self._tracing is not None and span is None:
                             span = self._start_span(context, req, info, subject)
                 if kind == "request_body":
-                    yield await self._request_body(req, info)
+                    yield await self._request_body(req, info, changes)
                 elif kind == "response_headers":
                     bounds = self._enforcer.policy.bounds
                     yield self._on_headers(

@@ -8,8 +8,20 @@ Completions and Completions requests, and settles the stream exactly.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
-__all__ = ["REWRITE_MAX_BYTES", "with_include_usage"]
+__all__ = ["REWRITE_MAX_BYTES", "RequestChanges", "with_include_usage"]
+
+
+@dataclass(slots=True)
+class RequestChanges:
+    """What the service changed in one request body, kept for its response.
+
+    The client must see what the upstream would have sent it: whatever the service
+    added to the request, the response phase undoes the visible effect of.
+    """
+
+    added_include_usage: bool = False  # the service, not the client, asked for usage
 
 # The largest request body :func:`with_include_usage` rewrites: what Envoy's ext_authz
 # forwards to Check (a bigger body was checked as truncated, and is left as it is).
