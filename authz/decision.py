@@ -58,6 +58,7 @@ class Decision:
     quota: Quota | None = None
     retry_after_s: float | None = None  # denials: when trying again can succeed
     warnings: tuple[str, ...] = ()  # allowed, but a soft budget is past its amount
+    output_cap: int | None = None  # allowed with the output limit lowered to this (per choice)
 
     @property
     def allowed(self) -> bool:

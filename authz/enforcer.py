@@ -30,6 +30,7 @@ from authz.identity import Authenticator
 from authz.ledger.base import Ledger, Limit, Refusal, Reservation
 from authz.observer import Observer
 from authz.offload import INLINE_BYTES, run_off_loop
+from authz.output_cap import cap_rules, reserve_capped
 from authz.policy.model import Policy, SubjectPath
 from authz.policy.periods import PeriodWindows
 from authz.policy.store import PolicyStore
@@ -185,7 +186,10 @@ class Enforcer:
         deferred = await self._off_peak(policy, subject, api, model)
         if deferred is not None:
             return deferred
-        return await self._reserve(policy, subject, api, model, stream, tokens, identity.claims)
+        choices = estimate.choices if estimate is not None else 1
+        return await self._reserve(
+            policy, subject, api, model, stream, tokens, identity.claims, choices
+        )
 
     async def _off_peak(self, policy: Policy, subject: SubjectPath, api: Api, model: str | None
                         ) -> Decision | None:  # fmt: skip
@@ -264,6 +268,7 @@ class Enforcer:
         stream: bool,
         tokens: TokenUsage,
         claims: Mapping[str, Any],
+        choices: int = 1,
     ) -> Decision:
         allow = Decision(
             Verdict.ALLOW,
@@ -291,14 +296,21 @@ class Enforcer:
         rid = f"{os.urandom(16).hex()}@{subject.org}"  # uuid4's randomness, a tenth the cost
         label = policy.models.label(model)
         refusal: Refusal | None = None
+        want, cap = tokens, None  # lowered to what fits (authz.output_cap)
+
+        async def reserve(amount: TokenUsage) -> Reservation | Refusal:
+            now, charge = self._clock.now(), expiry
+            if charge.output_tokens > amount.output_tokens:  # on_expiry: reserved
+                charge = amount
+            return await self._ledger.reserve(
+                rid, limits, amount, deadline=now + policy.reservations.ttl_s,
+                expiry_charge=charge, model=label,
+            )  # fmt: skip
 
         async def attempt() -> tuple[Reservation | None, str, float]:
             nonlocal refusal
             now = self._clock.now()
-            out = await self._ledger.reserve(
-                rid, limits, tokens, deadline=now + policy.reservations.ttl_s,
-                expiry_charge=expiry, model=label,
-            )  # fmt: skip
+            out = await reserve(want)
             if isinstance(out, Refusal):
                 refusal = out
                 return None, out.limit.key, max(0.0, out.limit.window_end - now)
@@ -307,6 +319,13 @@ class Enforcer:
         try:
             reservation, _, _ = await attempt()
             assert reservation is not None or refusal is not None
+            if reservation is None and refusal is not None and refusal.limit.key not in rates:
+                capped = await reserve_capped(reserve, tokens, refusal, cap_rules(plan), choices)
+                want, cap = capped.tokens, capped.cap
+                if isinstance(capped.outcome, Reservation):
+                    reservation = capped.outcome
+                else:
+                    refusal = capped.outcome
             queueable = refusal is not None and refusal.limit.key in rates
             if reservation is None and queueable and policy.queue.max_wait_s > 0:
                 assert refusal is not None
@@ -340,7 +359,8 @@ class Enforcer:
         # reservation.id, not rid: a breaker admitting locally returns "local:<rid>".
         quota = quota_for(plan, reservation, self._clock.now())
         warnings = warnings_for(plan, reservation)
-        return replace(allow, reservation_id=reservation.id, quota=quota, warnings=warnings)
+        return replace(allow, reservation_id=reservation.id, quota=quota, warnings=warnings,
+                       output_reserved=want.output_tokens, output_cap=cap)  # fmt: skip
 
     async def _queue_for(self, policy: Policy, subject: SubjectPath, claims: Mapping[str, Any],
                          refusal: Refusal, attempt: Any) -> Reservation | None:  # fmt: skip

@@ -74,6 +74,7 @@ class RequestEstimate:
     max_output_tokens: int | None
     stream: bool
     include_usage: bool
+    choices: int = 1  # OpenAI ``n`` / ``best_of``: a capped limit is per choice
 
 
 def _kind(value: object) -> str:
@@ -291,4 +292,5 @@ def estimate_request(api: Api, body: bytes) -> RequestEstimate:
         max_output_tokens=None if limit is None else limit * choices,
         stream=stream,
         include_usage=include_usage,
+        choices=choices,
     )

@@ -5,7 +5,7 @@ and settles. Whoever can open a Process stream (anyone who reaches the gRPC port
 mTLS is off or a gateway is compromised) could otherwise settle any reservation whose id
 it has seen, with any usage, or "release" it with a forged upstream error. So Check
 signs every field that settlement trusts (id, subject, org, api, model, estimates,
-stream) with HMAC-SHA256 under a key that never leaves the service, and ext_proc
+stream, output cap) with HMAC-SHA256 under a key that never leaves the service, and ext_proc
 settles nothing whose MAC does not verify. Only the MAC is a capability: the id on
 its own, seen in a trace or a log, settles nothing. A leaked MAC would let its holder
 settle that one reservation, once, before the gateway does; so the MAC travels only in
@@ -66,6 +66,9 @@ class Handle(NamedTuple):
     input_estimate: int
     output_reserved: int
     stream: bool
+    # The output limit Check lowered the request to (0: none): ext_proc writes it into the
+    # body, so it is signed like the rest (authz.output_cap).
+    output_cap: int = 0
 
 
 def reservation_org(reservation_id: str) -> str | None:
@@ -81,6 +84,8 @@ def _message(h: Handle) -> bytes:
         f"{len(h.model)}|{h.reservation_id}{h.subject}{h.org}{h.api}{h.model}"
         f"|{h.input_estimate}|{h.output_reserved}|{int(h.stream)}"
     )
+    if h.output_cap:  # one more field: a cap can be neither added nor dropped
+        s += f"|{h.output_cap}"
     # surrogatepass: a lone surrogate in a JSON string must not crash the signer.
     return s.encode("utf-8", "surrogatepass")
 

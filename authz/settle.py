@@ -57,6 +57,7 @@ class ReservationInfo:
     output_reserved: int
     org: str = ""
     model: str = ""
+    output_cap: int = 0  # the output limit written into the request (0: none)
 
 
 @dataclass(frozen=True, slots=True)

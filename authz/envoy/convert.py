@@ -29,7 +29,7 @@ from authz.decision import Decision, DenyReason
 from authz.enforcer import CheckInput
 from authz.handles import MAC_FIELD, Handle, HandleKeys
 
-__all__ = ["UPSTREAM_PREFIX", "check_input", "check_response", "metadata_fields"]
+__all__ = ["UPSTREAM_PREFIX", "check_input", "check_response", "error_body", "metadata_fields"]
 
 UPSTREAM_PREFIX = "x-authz-"  # headers we set upstream; clients can never set them
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -113,10 +113,12 @@ def metadata_fields(d: Decision, keys: HandleKeys | None = None) -> dict[str, An
         fields["input_estimate"] = d.input_estimate
         fields["output_reserved"] = d.output_reserved
         fields["stream"] = d.stream
+        if d.output_cap is not None:
+            fields["output_cap"] = d.output_cap
         if keys is not None:
             handle = Handle(
                 d.reservation_id, subject, org, d.api.value if d.api else "", d.model or "",
-                d.input_estimate, d.output_reserved, d.stream,
+                d.input_estimate, d.output_reserved, d.stream, d.output_cap or 0,
             )  # fmt: skip
             fields[MAC_FIELD] = keys.sign(handle)
     return fields
@@ -135,6 +137,11 @@ def _error_body(d: Decision, path: str) -> bytes:
     return json.dumps(
         {"error": {"message": d.message, "type": openai_type, "code": code, "param": None}}
     ).encode()
+
+
+def error_body(d: Decision, path: str) -> bytes:
+    """The error body of a denial, in the API's format (ext_proc's 429s use it too)."""
+    return _error_body(d, path)
 
 
 def _add_header(headers: Any, key: str, value: str) -> None:
@@ -188,6 +195,8 @@ def _allow_response(
         _add_header(to_client, "x-ratelimit-reset-tokens", reset_header(q.reset_after_s))
     if d.warnings:
         _add_header(ok.response_headers_to_add, "x-authz-budget-warning", "; ".join(d.warnings))
+    if d.output_cap is not None:  # admitted with its output limit lowered (authz.output_cap)
+        _add_header(ok.response_headers_to_add, "x-authz-max-tokens", str(d.output_cap))
     return resp
 
 

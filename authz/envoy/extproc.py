@@ -24,17 +24,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from authz.apis import Api
+from authz.decision import Decision, DenyReason, Verdict
 from authz.enforcer import Enforcer
+from authz.envoy.convert import error_body
 from authz.handles import MAC_FIELD, Handle, HandleKeys, SettleRefusal
-from authz.mutate.request import RequestChanges, with_include_usage
+from authz.mutate.request import CapUnwritable, RequestChanges, rewrite_request
 from authz.offload import INLINE_BYTES, run_off_loop
 from authz.policy.model import Policy
 from authz.settle import BodyMode, Outcome, ReservationInfo, ResponseTracker
@@ -72,6 +76,7 @@ def _reservation(req: pb.ProcessingRequest) -> tuple[Handle, str] | SettleRefusa
             input_estimate=_count(f, "input_estimate"),
             output_reserved=_count(f, "output_reserved"),
             stream=f["stream"].bool_value if "stream" in f else False,
+            output_cap=_count(f, "output_cap"),
         )
     except (KeyError, ValueError, OverflowError):  # no or unknown api, a NaN estimate...
         return SettleRefusal.MALFORMED
@@ -96,6 +101,7 @@ def _info(h: Handle) -> ReservationInfo:
         output_reserved=h.output_reserved,
         org=h.org,
         model=h.model,
+        output_cap=h.output_cap,
     )
 
 
@@ -232,22 +238,30 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         """The request body, rewritten if the service needs to; ``changes`` records what
         was changed, for the response phase."""
         body = req.request_body.body
-        if (
-            info is None
-            or info.api not in _STREAMABLE
-            or not self._enforcer.policy.requests.add_stream_usage
-        ):
+        if info is None:
             return pb.ProcessingResponse(request_body=_CONTINUE_BODY)
-        # Parsed and re-encoded: a big body off the event loop (authz.offload).
-        if len(body) <= INLINE_BYTES:
-            rewritten = with_include_usage(body)
-        else:
-            rewritten = await run_off_loop(with_include_usage, body)
+        # Ask for the final usage chunk so a streamed answer settles exactly; write the
+        # output limit Check lowered the request to (signed in the handle), if any.
+        add_usage = info.api in _STREAMABLE and self._enforcer.policy.requests.add_stream_usage
+        cap = info.output_cap or None
+        try:
+            # Parsed and re-encoded: a big body off the event loop (authz.offload).
+            if len(body) <= INLINE_BYTES:
+                rewritten = rewrite_request(body, info.api, changes, add_usage=add_usage, cap=cap)
+            else:
+                rewritten = await run_off_loop(
+                    rewrite_request, body, info.api, changes, add_usage=add_usage, cap=cap
+                )
+        except CapUnwritable:
+            # Never upstream uncapped: it could spend past the hard budget. Refuse and
+            # give the reservation back (nothing reached the model).
+            changes.refused = True
+            await self._enforcer.release(info.reservation_id)
+            self._metrics.settled("released")
+            return _uncapped_refusal(info)
         if rewritten is None:
             return pb.ProcessingResponse(request_body=_CONTINUE_BODY)
-        changes.added_include_usage = True
-        # Ask for the final usage chunk so a streamed answer settles exactly. In
-        # BUFFERED mode with headers skipped Envoy drops content-length and re-frames.
+        # In BUFFERED mode with headers skipped Envoy drops content-length and re-frames.
         mutation = pb.CommonResponse(body_mutation=pb.BodyMutation(body=rewritten))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=mutation))
 
@@ -276,6 +290,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                             span = self._start_span(context, req, info, subject)
                 if kind == "request_body":
                     yield await self._request_body(req, info, changes)
+                    finished = finished or changes.refused  # released: nothing to settle
                 elif kind == "response_headers":
                     bounds = self._enforcer.policy.bounds
                     yield self._on_headers(
@@ -335,6 +350,34 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             )
         override = processing_mode_pb2.ProcessingMode(response_body_mode=_MODES[mode])
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=override)
+
+
+def _uncapped_refusal(info: ReservationInfo) -> pb.ProcessingResponse:
+    """A 429 in the provider's error format, for a cap that could not be written."""
+    cap = info.output_cap
+    message = (
+        f"This request fits the remaining budget only with its output limited to {cap} "
+        f"tokens, and its body could not be rewritten to say so; send it with "
+        f"max_tokens (or the API's output limit) at most {cap}."
+    )
+    d = Decision(Verdict.DENY, 429, DenyReason.BUDGET_EXHAUSTED, "output_cap_unwritable",
+                 message, api=info.api)  # fmt: skip
+    headers = [("content-type", "application/json"), ("x-authz-reason", d.reason or ""),
+               ("x-authz-max-tokens", str(cap)), ("x-should-retry", "false")]  # fmt: skip
+    mutation = pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()))
+            for k, v in headers
+        ]
+    )
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=429),  # type: ignore[arg-type]
+            headers=mutation,
+            body=error_body(d, ""),
+            details="authz_output_cap_unwritable",
+        )
+    )
 
 
 def _cost(policy: Policy, model: str, outcome: Outcome) -> tuple[float, str] | None:

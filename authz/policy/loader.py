@@ -37,6 +37,7 @@ from authz.policy.loader_admission import (
     parse_rates,
     parse_schedule,
 )
+from authz.policy.loader_caps import with_caps
 from authz.policy.loader_observability import parse_alerts, parse_audit
 from authz.policy.loader_requests import parse_unmetered
 from authz.policy.model import (
@@ -427,7 +428,7 @@ def parse_policy(data: Any, file: str) -> Policy:
         r.fail("timezone", "is not a known IANA timezone", tz_name)
     base = Path(file).parent
     weights = _weights(r, top.get("weights", {}), "weights", Weights())
-    budgets = r.items(top["budgets"], "budgets", lambda v, p: _budget(r, v, p, weights))
+    budgets = r.items(top["budgets"], "budgets", lambda v, p: with_caps(r, v, p, weights, _budget))
     seen: dict[str, int] = {}
     for i, b in enumerate(budgets):
         if b.name in seen:

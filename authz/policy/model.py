@@ -134,6 +134,10 @@ class Budget:
     unit: Literal["tokens", "cost"] = "tokens"  # cost: micro-units of the pricing currency
     soft_grace: int = 0  # units admitted past `tokens` with a warning, then hard
     burst: int = 0  # units borrowable from the next period, which opens with that debt
+    # A request whose worst case does not fit: admit it with its output lowered to what
+    # is left ("cap"), if at least min_output_tokens fit; or refuse it ("deny").
+    over_reserve: Literal["cap", "deny"] = "cap"
+    min_output_tokens: int = 256
 
     def applies_to(self, path: SubjectPath) -> bool:
         for level, want in self.match:

@@ -124,7 +124,7 @@ subject:
   leaf: [{{level: user, claim: sub}}]
 budgets:
   - {{name: dept-day, match: {{department: "*"}}, tokens: 100000, period: day}}
-  - {{name: user-day, match: {{user: "*"}}, tokens: 1000, period: day}}
+  - {{name: user-day, match: {{user: "*"}}, tokens: 1000, period: day, over_reserve: deny}}
 models:
   rules: [{{match: "gpt-*", max_output_tokens: 50}}]
 """)
