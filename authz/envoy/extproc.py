@@ -256,8 +256,12 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             # Never upstream uncapped: it could spend past the hard budget. Refuse and
             # give the reservation back (nothing reached the model).
             changes.refused = True
-            await self._enforcer.release(info.reservation_id)
-            self._metrics.settled("released")
+            try:
+                await self._enforcer.release(info.reservation_id)
+                self._metrics.settled("released")
+            except Exception:  # the 429 goes out regardless; the reservation expires
+                log.exception("release of %s failed", info.reservation_id)
+                self._metrics.settled("failed")
             return _uncapped_refusal(info)
         if rewritten is None:
             return pb.ProcessingResponse(request_body=_CONTINUE_BODY)
