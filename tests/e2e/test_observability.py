@@ -50,9 +50,9 @@ subject:
   department: {{claim: department, missing: skip}}
   leaf: [{{level: user, claim: sub}}]
 budgets:
-  - {{name: org-default, match: {{org: "*"}}, tokens: {org_tokens}, period: day}}
-  - {{name: dept-daily, match: {{department: "*"}}, tokens: 2000, period: day}}
-  - {{name: user-daily, match: {{user: "*"}}, tokens: 1000, period: day}}
+  - {{name: org-default, match: {{org: "*"}}, tokens: {org_tokens}, period: day, over_reserve: deny}}
+  - {{name: dept-daily, match: {{department: "*"}}, tokens: 2000, period: day, over_reserve: deny}}
+  - {{name: user-daily, match: {{user: "*"}}, tokens: 1000, period: day, over_reserve: deny}}
 models:
   rules: [{{match: "gpt-*", max_output_tokens: 50}}]
 audit:

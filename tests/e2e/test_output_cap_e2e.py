@@ -65,8 +65,11 @@ def _settled(svc: AuthzService, n: int) -> None:
     wait_until(done, timeout=15, what=f"{n} settlements")
 
 
-def _openai(envoy: EnvoyProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=envoy.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+@pytest.fixture
+def client(envoy: EnvoyProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=envoy.url + "/v1", api_key=KEY, max_retries=0,
+                       timeout=30) as c:  # fmt: skip
+        yield c
 
 
 def _spend_4040(client: openai.OpenAI, svc: AuthzService) -> None:
@@ -86,9 +89,8 @@ def _remaining(client: openai.OpenAI) -> int:
 
 
 def test_the_locked_out_user_is_served_with_a_cap(
-    envoy: EnvoyProcess, service: AuthzService, fake_llm: FakeLLMThread
+    client: openai.OpenAI, service: AuthzService, fake_llm: FakeLLMThread
 ) -> None:
-    client = _openai(envoy)
     _spend_4040(client, service)
     # No max_tokens, as most SDK calls: the worst case (16,389 units) does not fit.
     # The model would write 5,000 tokens; the upstream reports 3 prompt tokens.
@@ -108,9 +110,8 @@ def test_the_locked_out_user_is_served_with_a_cap(
 
 
 def test_a_capped_stream_has_the_cap_and_usage_in_one_rewrite(
-    envoy: EnvoyProcess, service: AuthzService, fake_llm: FakeLLMThread
+    client: openai.OpenAI, service: AuthzService, fake_llm: FakeLLMThread
 ) -> None:
-    client = _openai(envoy)
     _spend_4040(client, service)
     with client.chat.completions.with_streaming_response.create(
         model="gpt-4o", messages=HI, max_tokens=8000, stream=True,  # type: ignore[arg-type]
@@ -127,10 +128,15 @@ def test_a_capped_stream_has_the_cap_and_usage_in_one_rewrite(
 
 
 def test_anthropic_messages_are_capped(
-    envoy: EnvoyProcess, service: AuthzService, fake_llm: FakeLLMThread
+    envoy: EnvoyProcess, client: openai.OpenAI, service: AuthzService, fake_llm: FakeLLMThread
 ) -> None:
-    _spend_4040(_openai(envoy), service)
-    client = anthropic.Anthropic(base_url=envoy.url, api_key=KEY, max_retries=0, timeout=30)
+    _spend_4040(client, service)
+    claude = anthropic.Anthropic(base_url=envoy.url, api_key=KEY, max_retries=0, timeout=30)
+    with claude:
+        _anthropic_capped(claude, fake_llm)
+
+
+def _anthropic_capped(client: anthropic.Anthropic, fake_llm: FakeLLMThread) -> None:
     raw = client.messages.with_raw_response.create(
         model="claude-test", max_tokens=4096, messages=HI,  # type: ignore[arg-type]
         extra_headers={"x-fake-words": "5000", "x-fake-prompt-tokens": "5"},
@@ -147,9 +153,8 @@ def test_anthropic_messages_are_capped(
 
 
 def test_over_reserve_deny_keeps_the_429(
-    envoy: EnvoyProcess, deny_service: AuthzService, fake_llm: FakeLLMThread
+    client: openai.OpenAI, deny_service: AuthzService, fake_llm: FakeLLMThread
 ) -> None:
-    client = _openai(envoy)
     _spend_4040(client, deny_service)
     with pytest.raises(openai.RateLimitError) as err:
         client.chat.completions.create(model="gpt-4o", messages=HI)  # type: ignore[arg-type]

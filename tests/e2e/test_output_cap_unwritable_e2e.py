@@ -62,8 +62,12 @@ bounds: {{request_body_bytes: {BIG}}}
 def test_an_unwritable_cap_is_a_429_and_nothing_goes_upstream(
     envoy: EnvoyProcess, service: AuthzService, fake_llm: FakeLLMThread
 ) -> None:
-    client = openai.OpenAI(base_url=envoy.url + "/v1", api_key="k-big", max_retries=0,
-                           timeout=60)  # fmt: skip
+    with openai.OpenAI(base_url=envoy.url + "/v1", api_key="k-big", max_retries=0,
+                       timeout=60) as client:  # fmt: skip
+        _refused_then_served(client, fake_llm)
+
+
+def _refused_then_served(client: openai.OpenAI, fake_llm: FakeLLMThread) -> None:
     with pytest.raises(openai.RateLimitError) as err:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": TEXT}])
     headers = err.value.response.headers
