@@ -11,14 +11,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authz.apis import Api
+from authz.clock import FakeClock
+from authz.enforcer import Enforcer
+from authz.envoy.extproc import ExternalProcessorServicer
+from authz.ledger import MemoryLedger
 from authz.mutate.request import RequestChanges
 from authz.mutate.response import UsageChunkRemover, usage_remover
+from authz.policy.store import PolicyStore
+from authz.telemetry.metrics import Metrics
 from authz.usage.sse import DEFAULT_MAX_EVENT_BYTES
 from tests.support.fake_llm import _chat_events, _completion_events, _Turn
+from tests.unit import test_settle_extproc as extproc_harness
 
 pytestmark = pytest.mark.unit
 BODIES = Path(__file__).parent.parent / "fixtures" / "bodies"
@@ -214,3 +222,40 @@ def test_an_event_too_big_to_hold_passes_and_the_rest_unchanged() -> None:
 def test_only_streams_the_service_changed(api: Api, added: bool, encoding: str, used: bool) -> None:
     changes = RequestChanges(added_include_usage=added)
     assert (usage_remover(api, changes, encoding) is not None) is used
+
+
+async def test_extproc_sends_rewritten_bytes_and_settles_from_the_upstreams(
+    tmp_path: Path,
+) -> None:
+    """The servicer: body mutations only where the service added include_usage; the
+    usage settled is the one in the upstream's bytes that the client never sees."""
+    clock = FakeClock()
+    ledger = MemoryLedger(clock)
+    enf = Enforcer(PolicyStore(extproc_harness._policy(tmp_path)), ledger, clock)
+    servicer = ExternalProcessorServicer(enf, Metrics(), handles=extproc_harness.KEYS)
+    raw, expected = STREAMS["recorded"]
+    for asked in (False, True):
+        options = ',"stream_options":{"include_usage":true}' if asked else ""
+        body = ('{"model":"gpt-4o","stream":true,"messages":[]' + options + "}").encode()
+        rid = await extproc_harness._reserve(enf, body)
+        cut = raw.index(b'"choices":[]') - 40  # mid-event: held back, sent next time
+        msgs = [
+            pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+            extproc_harness._headers(200, "text/event-stream"),
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=raw[:cut])),
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=raw[cut:])),
+            pb.ProcessingRequest(response_body=pb.HttpBody(end_of_stream=True)),
+        ]
+        out = await extproc_harness._run(servicer, msgs, rid)
+        sent = b""
+        for chunk, resp in zip(msgs[2:], out[2:], strict=True):
+            mutation = resp.response_body.response.body_mutation
+            if mutation.WhichOneof("mutation") is None:
+                sent += chunk.response_body.body
+            else:
+                assert not asked, "a client that asked for usage gets the stream unchanged"
+                sent += mutation.body
+        assert sent == (raw if asked else expected)
+        usage = out[-1].dynamic_metadata.fields["authz.usage"].struct_value.fields
+        assert usage["output"].number_value == 12 and usage["cached_input"].number_value == 1152
+        assert ledger.open_reservations == 0
