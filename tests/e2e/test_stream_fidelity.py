@@ -145,6 +145,22 @@ def test_unfinished_last_event_reaches_the_client_at_end_of_stream(
     assert seen == direct and seen.endswith(b"\n\ndata: [DONE]")
 
 
+def test_stream_with_content_length_is_rewritten_whole(
+    gw: EnvoyProcess, rsa: SigningKey, service: AuthzService, fake_llm: FakeLLMThread
+) -> None:
+    """An upstream (or a proxy before it) that sends a stream with Content-Length: the
+    body gets shorter. Envoy 1.40 drops the header itself for a body ext_proc streams
+    (checked: the client gets it chunked), so the service need not."""
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50, "stream": True}
+    whole = {"x-fake-content-length": "1", "x-fake-id": "c-len"}
+    tok = token(rsa, "len", "content-length")
+    seen = _raw(gw.url, "/v1/chat/completions", body, {"authorization": f"Bearer {tok}", **whole})
+    assert fake_llm.wait_records(1)[0].usage_reported
+    direct = _raw(fake_llm.url, "/v1/chat/completions", body, whole)
+    assert seen == direct
+    assert _settled(service, "content-length") == (PROMPT, WORDS)
+
+
 def test_client_that_asked_for_usage_gets_the_stream_unchanged(
     gw: EnvoyProcess, rsa: SigningKey, service: AuthzService, fake_llm: FakeLLMThread
 ) -> None:

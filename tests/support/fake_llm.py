@@ -25,6 +25,7 @@ sent it, so tests can check what Envoy/the service changed in it):
     x-fake-split-bytes: N          write the stream in N-byte pieces, a moment apart, so
                                    Envoy's chunks cut across SSE events (not one per event)
     x-fake-unterminated: 1         end the stream without the last event's blank line
+    x-fake-content-length: 1       send the whole stream at once, with Content-Length
     x-fake-id: S, x-fake-created: N  the response id and timestamp (default: a counter and
                                    now), so two answers can be compared byte for byte
     x-fake-gzip: 1                 gzip the body (Content-Encoding) if the client accepts gzip
@@ -652,6 +653,12 @@ class FakeLLM:
             "messages": _message_events,
         }[turn.api](turn)
         headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        if request.headers.get("x-fake-content-length") == "1":
+            whole = list(events)
+            record.output_tokens = turn.output
+            record.usage_reported = any(kind == "usage" for kind, _ in whole)
+            record.completed = True
+            return web.Response(body=b"".join(chunk for _, chunk in whole), headers=headers)
         # Flush after every event so each one leaves at once, as a real provider's does.
         packer = zlib.compressobj(wbits=31) if gzip_it else None
         if packer:
