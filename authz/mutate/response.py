@@ -39,9 +39,8 @@ __all__ = ["UsageChunkRemover", "usage_remover"]
 # Two line ends in a row: the end of an event. A CR followed by LF is one line end
 # (CRLF), never two: else "\r\n" at the end of a chunk would read as a blank line.
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
-# A "usage": null member (group 1), after the { or , that comes before any key.
-# Found with bytes.find and checked with these anchored matches: a regex search over
-# every chunk costs several times more.
+# Keys are found with bytes.find, their values checked with these anchored matches: a
+# regex search over every chunk costs several times more.
 _NULL_VALUE = re.compile(rb"\s*:\s*null(?=\s*[,}])")
 _EMPTY_LIST = re.compile(rb"\s*:\s*\[\s*\]")
 # A data line holds no line end: blanks around a removed comma are spaces and tabs.
