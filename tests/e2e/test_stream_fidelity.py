@@ -174,13 +174,13 @@ def test_client_that_asked_for_usage_gets_the_stream_unchanged(
     assert seen == direct and b'"choices":[]' in seen and seen.count(b'"usage":null') == WORDS + 2
     assert _settled(service, "asker") == (PROMPT, WORDS)
 
-    client = _oai(gw, token(rsa, "asker-sdk", "asker-sdk"))
-    chunks = list(
-        client.chat.completions.create(
-            model="gpt-4o", messages=MESSAGES, max_tokens=50, stream=True,  # type: ignore[arg-type]
-            stream_options={"include_usage": True},
-        )
-    )  # fmt: skip
+    with _oai(gw, token(rsa, "asker-sdk", "asker-sdk")) as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, max_tokens=50, stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.prompt_tokens == PROMPT
     assert chunks[-1].usage.completion_tokens == WORDS
@@ -189,17 +189,14 @@ def test_client_that_asked_for_usage_gets_the_stream_unchanged(
 def test_openai_sdk_sync_loop(
     gw: EnvoyProcess, rsa: SigningKey, service: AuthzService, fake_llm: FakeLLMThread
 ) -> None:
-    client = _oai(gw, token(rsa, "loop", "sdk-sync"))
-    stream = client.chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,
-        max_tokens=50,
-        stream=True,  # type: ignore[arg-type]
-    )
-    text = ""
-    for chunk in stream:  # the loop everyone writes: IndexError on the usage chunk
-        text += chunk.choices[0].delta.content or ""
-        assert chunk.usage is None
+    with _oai(gw, token(rsa, "loop", "sdk-sync")) as client:
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=50, stream=True  # type: ignore[arg-type]
+        )  # fmt: skip
+        text = ""
+        for chunk in stream:  # the loop everyone writes: IndexError on the usage chunk
+            text += chunk.choices[0].delta.content or ""
+            assert chunk.usage is None
     assert text == WORDS_TEXT
     assert fake_llm.wait_records(1)[0].include_usage
     assert _settled(service, "sdk-sync") == (PROMPT, WORDS)
@@ -228,13 +225,12 @@ async def test_openai_sdk_async_loop(
 def test_openai_sdk_with_streaming_response(
     gw: EnvoyProcess, rsa: SigningKey, service: AuthzService, fake_llm: FakeLLMThread
 ) -> None:
-    client = _oai(gw, token(rsa, "wsr", "sdk-wsr"))
-    with client.chat.completions.with_streaming_response.create(
-        model="gpt-4o",
-        messages=MESSAGES,
-        max_tokens=50,
-        stream=True,  # type: ignore[arg-type]
-    ) as response:
+    with (
+        _oai(gw, token(rsa, "wsr", "sdk-wsr")) as client,
+        client.chat.completions.with_streaming_response.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=50, stream=True  # type: ignore[arg-type]
+        ) as response,
+    ):  # fmt: skip
         assert response.headers["content-type"].startswith("text/event-stream")
         text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse())
     assert text == WORDS_TEXT
@@ -244,11 +240,11 @@ def test_openai_sdk_with_streaming_response(
 def test_openai_sdk_legacy_completions_stream(
     gw: EnvoyProcess, rsa: SigningKey, service: AuthzService, fake_llm: FakeLLMThread
 ) -> None:
-    client = _oai(gw, token(rsa, "legacy", "sdk-legacy"))
-    stream = client.completions.create(
-        model="gpt-3.5-turbo-instruct", prompt="hi", max_tokens=50, stream=True
-    )
-    text = "".join(chunk.choices[0].text for chunk in stream)
+    with _oai(gw, token(rsa, "legacy", "sdk-legacy")) as client:
+        stream = client.completions.create(
+            model="gpt-3.5-turbo-instruct", prompt="hi", max_tokens=50, stream=True
+        )
+        text = "".join(chunk.choices[0].text for chunk in stream)
     assert text == WORDS_TEXT
     assert fake_llm.wait_records(1)[0].include_usage
     assert _settled(service, "sdk-legacy") == (PROMPT, WORDS)
@@ -262,10 +258,12 @@ def test_anthropic_stream_helpers_unchanged(
     seen, direct = _through_and_direct(gw, fake_llm, tok, "/v1/messages", body, "msg_fid")
     assert seen == direct and b"message_delta" in seen
     fake_llm.reset()
-    client = anthropic.Anthropic(
-        base_url=gw.url, api_key=tok, max_retries=0, timeout=20, default_headers=FAKE
-    )
-    with client.messages.stream(model="claude-sonnet-4", max_tokens=50, messages=MESSAGES) as s:
+    with (
+        anthropic.Anthropic(
+            base_url=gw.url, api_key=tok, max_retries=0, timeout=20, default_headers=FAKE
+        ) as client,
+        client.messages.stream(model="claude-sonnet-4", max_tokens=50, messages=MESSAGES) as s,
+    ):
         text = "".join(s.text_stream)
         final = s.get_final_message()
     assert text == WORDS_TEXT
