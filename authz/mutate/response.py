@@ -220,7 +220,10 @@ def _null_member(payload: bytes) -> tuple[int, int] | None:
 def _top_level(payload: bytes, start: int, end: int) -> bool:
     """Whether the member at ``start:end`` is directly inside the outermost object."""
     if len(payload) - end < start:  # count what closes after it
-        tail = _STRING.sub(b"", payload[end:])
+        tail = payload[end:]
+        if tail.count(b"}") == 1 and b"{" not in tail and b"[" not in tail and b"]" not in tail:
+            return True  # only the final brace (the payload ends in it): no strings to strip
+        tail = _STRING.sub(b"", tail)
         return tail.count(b"}") + tail.count(b"]") - tail.count(b"{") - tail.count(b"[") == 1
     head = _STRING.sub(b"", payload[:start])
     return head.count(b"{") + head.count(b"[") - head.count(b"}") - head.count(b"]") == 1

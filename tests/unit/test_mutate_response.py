@@ -155,6 +155,11 @@ def test_usage_only_chunk_alone_becomes_empty() -> None:
         (b'data: { "a": 1 , "usage" : null }\n\n', b'data: { "a": 1 }\n\n'),
         (b'data: {"a": 1, "usage": null, "b": 2}\n\n', b'data: {"a": 1, "b": 2}\n\n'),
         (b'data: {"a":1,"usage":null}\r\r', b'data: {"a":1}\r\r'),  # lone CRs
+        # depth counted after the member, strings with brackets in them skipped
+        (
+            b'data: {"a":[1,2,3,4,5,6,7],"usage":null,"b":["]"]}\n\n',
+            b'data: {"a":[1,2,3,4,5,6,7],"b":["]"]}\n\n',
+        ),
         # comments and other fields are kept, byte for byte
         (
             b': keep\nevent: x\nid: 7\ndata: {"a":1,"usage":null}\n\n',
@@ -181,6 +186,7 @@ def test_member_text_only_is_removed(event: bytes, expected: bytes) -> None:
         b'data: not json, "usage":null\n\n',
         b'data: {"a":{"usage":null}}\n\n',  # nested: not what include_usage adds
         b'data: {"a":[{"usage":null}],"b":1}\n\n',
+        b'data: {"a":[1,2,3,4,5,6,7],"x":{"usage":null},"b":"}"}\n\n',
         b'data: {"c":"x\\"usage\\":null,\\"y"}\n\n',  # inside a string
         b'data: {"k\\"usage":null}\n\n',  # a key that ends in usage
         b'data: {"usage":null,"usage":null}\n\n',  # two: neither is removed
