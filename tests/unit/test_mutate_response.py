@@ -107,6 +107,23 @@ def test_mixed_line_ends_and_spacing_any_split(data: st.DataObject) -> None:
     assert _run(_split(whole, cuts)) == b"".join(expected)
 
 
+_PIECES = [b"data:", b"data: ", b"\n", b"\r", b"\r\n", b": c", b"{", b"}", b"[", b"]", b",",
+           b'"usage"', b":", b"null", b'"choices"', b"[]", b'{"total_tokens":1}', b'"x"',
+           b"\\", b" ", b"[DONE]", b"\xff"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(st.sampled_from(_PIECES), max_size=80),
+    cuts=st.lists(st.integers(0, 2000), max_size=20),
+)
+def test_any_bytes_any_split_same_result_never_an_error(
+    parts: list[bytes], cuts: list[int]
+) -> None:
+    whole = b"".join(parts)
+    assert _run(_split(whole, cuts)) == _run([whole])
+
+
 def test_byte_by_byte() -> None:
     raw, expected = STREAMS["recorded CRLF"]
     assert _run([raw[i : i + 1] for i in range(len(raw))]) == expected
