@@ -39,6 +39,7 @@ from authz.enforcer import Enforcer
 from authz.envoy.convert import error_body
 from authz.handles import MAC_FIELD, Handle, HandleKeys, SettleRefusal
 from authz.mutate.request import CapUnwritable, RequestChanges, rewrite_request
+from authz.mutate.response import UsageChunkRemover, usage_remover
 from authz.offload import INLINE_BYTES, run_off_loop
 from authz.policy.model import Policy
 from authz.settle import BodyMode, Outcome, ReservationInfo, ResponseTracker
@@ -56,6 +57,7 @@ _MODES = {
     BodyMode.STREAMED: processing_mode_pb2.ProcessingMode.STREAMED,
 }
 _CONTINUE_BODY = pb.BodyResponse()
+_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 _STREAMABLE = (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS)
 
 
@@ -281,6 +283,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         department = ""
         span: Span | None = None
         changes = RequestChanges()
+        undo: UsageChunkRemover | None = None  # takes out what the request change caused
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
@@ -297,18 +300,25 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                     finished = finished or changes.refused  # released: nothing to settle
                 elif kind == "response_headers":
                     bounds = self._enforcer.policy.bounds
-                    yield self._on_headers(
+                    resp = self._on_headers(
                         req, info, tracker := ResponseTracker(info, bounds) if info else None
                     )
+                    if info is not None and resp.mode_override.response_body_mode == _STREAMED:
+                        encoding = _headers(req.response_headers).get("content-encoding", "")
+                        undo = usage_remover(info.api, changes, encoding)
+                    yield resp
                     if tracker is not None and tracker.outcome is not None:
                         self._settle_later(tracker.info, tracker.outcome, department, span)
                         finished = True
                 elif kind == "response_body":
                     resp = pb.ProcessingResponse(response_body=_CONTINUE_BODY)
+                    body, end = req.response_body.body, req.response_body.end_of_stream
+                    if undo is not None:  # what the client sees; settled from ``body``
+                        sent = undo.feed(body, end)
+                        if sent is not body:  # Envoy sends these bytes instead, b"" too
+                            resp.response_body.response.body_mutation.body = sent
                     if tracker is not None and not finished:
-                        outcome = await tracker.feed(  # bounded decode, yields
-                            req.response_body.body, req.response_body.end_of_stream
-                        )
+                        outcome = await tracker.feed(body, end)  # bounded decode, yields
                         if outcome is not None:
                             finished = True
                             self._settle_later(tracker.info, outcome, department, span)

@@ -22,6 +22,12 @@ sent it, so tests can check what Envoy/the service changed in it):
     x-fake-delay-ms: N             wait before the response headers
     x-fake-chunk-delay-ms: N       wait after each streamed word (client-disconnect tests)
     x-fake-abort-after: N          upstream drops the connection after N streamed words
+    x-fake-split-bytes: N          write the stream in N-byte pieces, a moment apart, so
+                                   Envoy's chunks cut across SSE events (not one per event)
+    x-fake-unterminated: 1         end the stream without the last event's blank line
+    x-fake-content-length: 1       send the whole stream at once, with Content-Length
+    x-fake-id: S, x-fake-created: N  the response id and timestamp (default: a counter and
+                                   now), so two answers can be compared byte for byte
     x-fake-gzip: 1                 gzip the body (Content-Encoding) if the client accepts gzip
     x-fake-gzip: always            gzip it whatever the client accepts (the shipped Envoy asks
                                    for identity; an upstream may compress all the same)
@@ -575,7 +581,10 @@ class FakeLLM:
                 and "gzip" in request.headers.get("accept-encoding", "")
             )
             if record.stream and turn.api != "embeddings":
-                return await self._stream(request, record, turn, chunk_delay, abort_after, gzip_it)
+                split = _int_header(request, "x-fake-split-bytes", 0)
+                return await self._stream(
+                    request, record, turn, chunk_delay, abort_after, gzip_it, split
+                )
             payload = {
                 "chat": _chat_json,
                 "completions": _completion_json,
@@ -610,7 +619,8 @@ class FakeLLM:
         options = body.get("stream_options")
         return _Turn(
             api=api,
-            id=f"{prefix}fake{self._counter:06d}",
+            id=request.headers.get("x-fake-id", f"{prefix}fake{self._counter:06d}"),
+            created=_int_header(request, "x-fake-created", int(time.time())),
             model=str(body.get("model", "fake-model")),
             words=[_WORDS[i % len(_WORDS)] for i in range(words)],
             truncated=truncated,
@@ -634,6 +644,7 @@ class FakeLLM:
         chunk_delay: float,
         abort_after: int | None,
         gzip_it: bool,
+        split: int = 0,
     ) -> web.StreamResponse:
         events = {
             "chat": _chat_events,
@@ -642,6 +653,12 @@ class FakeLLM:
             "messages": _message_events,
         }[turn.api](turn)
         headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        if request.headers.get("x-fake-content-length") == "1":
+            whole = list(events)
+            record.output_tokens = turn.output
+            record.usage_reported = any(kind == "usage" for kind, _ in whole)
+            record.completed = True
+            return web.Response(body=b"".join(chunk for _, chunk in whole), headers=headers)
         # Flush after every event so each one leaves at once, as a real provider's does.
         packer = zlib.compressobj(wbits=31) if gzip_it else None
         if packer:
@@ -650,6 +667,10 @@ class FakeLLM:
         await response.prepare(request)
         sent = 0
         record.output_tokens = turn.reasoning  # thought before the first word
+        held = b""  # with split: what has not made a whole piece yet
+        if request.headers.get("x-fake-unterminated") == "1":
+            *head, (kind, last) = events
+            events = iter([*head, (kind, last.rstrip(b"\n"))])
         try:
             for kind, chunk in events:
                 if kind == "word" and abort_after is not None and sent >= abort_after:
@@ -658,7 +679,14 @@ class FakeLLM:
                     return response
                 if packer:
                     chunk = packer.compress(chunk) + packer.flush(zlib.Z_SYNC_FLUSH)
-                await response.write(chunk)
+                if split:
+                    held += chunk
+                    while len(held) >= split:
+                        await response.write(held[:split])
+                        held = held[split:]
+                        await asyncio.sleep(0.002)  # a separate read for Envoy
+                else:
+                    await response.write(chunk)
                 if kind == "word":
                     sent += 1
                     record.output_tokens = turn.reasoning + sent
@@ -666,6 +694,8 @@ class FakeLLM:
                         await asyncio.sleep(chunk_delay)
                 elif kind == "usage":
                     record.usage_reported = True
+            if held:
+                await response.write(held)
             if packer:
                 await response.write(packer.flush())
             record.completed = True
