@@ -334,3 +334,10 @@ async def test_an_expired_capped_reservation_is_charged_the_cap_not_the_worst_ca
     after = await enf.check(_check({**HI, "max_tokens": 0}))
     # Charged the capped 5 + 3,988 x 4 = 15,957 (the worst case, 16,389, would overshoot).
     assert after.quota is not None and after.quota.remaining == 20_000 - 4040 - 15_957
+
+
+def test_a_misspelt_cap_key_is_an_error_that_lists_the_real_ones() -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(_doc({"over_reserv": "cap"}), "p.yaml")
+    assert str(err.value).startswith("p.yaml:budgets[0].over_reserv: unknown key; allowed: ")
+    assert "min_output_tokens" in str(err.value) and "over_reserve" in str(err.value)
