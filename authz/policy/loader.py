@@ -37,7 +37,7 @@ from authz.policy.loader_admission import (
     parse_rates,
     parse_schedule,
 )
-from authz.policy.loader_caps import with_caps
+from authz.policy.loader_caps import CAP_KEYS, with_caps
 from authz.policy.loader_observability import parse_alerts, parse_audit
 from authz.policy.loader_requests import parse_unmetered
 from authz.policy.model import (
@@ -304,7 +304,7 @@ def _budget(r: _Reader, raw: Any, p: str, weights: Weights) -> Budget:
     m = r.mapping(
         raw,
         p,
-        {"name", "match", "tokens", "cost", "period", "weights", "soft", "burst"},
+        {"name", "match", "tokens", "cost", "period", "weights", "soft", "burst", *CAP_KEYS},
         {"name", "match", "period"},
     )
     name = r.string(m["name"], f"{p}.name", r"[A-Za-z0-9_.:-]+")

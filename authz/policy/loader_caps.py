@@ -6,7 +6,8 @@ when it names none); the reservation covers that worst case. When it does not fi
 ``over_reserve: cap`` (the default) admits the request with its output limit lowered
 to what is left, provided at least ``min_output_tokens`` are left; ``deny`` refuses it
 as before. Kept apart from :mod:`authz.policy.loader` (already long): the loader hands
-each budget's raw mapping here, and these keys never reach its own key check.
+each budget's raw mapping here (its key check lists these keys as allowed, for
+the hint in an unknown-key error; they never reach it).
 Errors read like the loader's: ``file:budgets[i].min_output_tokens: must be an
 integer >= 1 (got 0)``.
 """

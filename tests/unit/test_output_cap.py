@@ -315,3 +315,29 @@ async def test_extproc_refuses_and_releases_when_the_cap_cannot_be_written(
     again = await enf.check(inp)
     assert again.output_cap == 3988 and again.quota is not None
     assert again.quota.remaining == 15_960 - 5 - 3988 * 4
+
+
+async def test_an_expired_capped_reservation_is_charged_the_cap_not_the_worst_case(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    policy = _policy(tmp_path, extra="reservations: {ttl_s: 60, on_expiry: reserved}")
+    ledger = MemoryLedger(clock)
+    enf = Enforcer(PolicyStore(policy), ledger, clock)
+    first = await enf.check(_check({**HI, "max_tokens": 1000}))
+    assert first.reservation_id
+    await enf.settle(first.reservation_id, TokenUsage(40, 0, 1000))
+    d = await enf.check(_check(HI))
+    assert d.output_cap == 3988
+    clock.advance(61)
+    assert await enf.expire_overdue() == 1
+    after = await enf.check(_check({**HI, "max_tokens": 0}))
+    # Charged the capped 5 + 3,988 x 4 = 15,957 (the worst case, 16,389, would overshoot).
+    assert after.quota is not None and after.quota.remaining == 20_000 - 4040 - 15_957
+
+
+def test_a_misspelt_cap_key_is_an_error_that_lists_the_real_ones() -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(_doc({"over_reserv": "cap"}), "p.yaml")
+    assert str(err.value).startswith("p.yaml:budgets[0].over_reserv: unknown key; allowed: ")
+    assert "min_output_tokens" in str(err.value) and "over_reserve" in str(err.value)
