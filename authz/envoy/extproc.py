@@ -21,27 +21,34 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from authz.apis import Api
-from authz.decision import Decision, DenyReason, Verdict
 from authz.enforcer import Enforcer
-from authz.envoy.convert import error_body
-from authz.handles import MAC_FIELD, Handle, HandleKeys, SettleRefusal
+from authz.envoy.stream_metadata import (
+    AUTHZ_NS,
+    check_traceparent,
+    header_map,
+    labels,
+    reservation,
+    reservation_info,
+)
+from authz.envoy.stream_replies import (
+    continue_message,
+    settled_cost,
+    uncapped_refusal,
+    usage_metadata,
+)
+from authz.handles import HandleKeys, SettleRefusal
 from authz.mutate.request import CapUnwritable, RequestChanges, rewrite_request
 from authz.mutate.response import UsageChunkRemover, usage_remover
 from authz.offload import INLINE_BYTES, run_off_loop
-from authz.policy.model import Policy
 from authz.settle import BodyMode, Outcome, ReservationInfo, ResponseTracker
 from authz.telemetry.metrics import Metrics
 from authz.telemetry.tracing import Tracing
@@ -49,8 +56,6 @@ from authz.telemetry.tracing import Tracing
 __all__ = ["ExternalProcessorServicer"]
 
 log = logging.getLogger("authz.settle")
-_AUTHZ_NS = "envoy.filters.http.ext_authz"
-_USAGE_NS = "authz.usage"
 _MODES = {
     BodyMode.NONE: processing_mode_pb2.ProcessingMode.NONE,
     BodyMode.BUFFERED: processing_mode_pb2.ProcessingMode.BUFFERED,
@@ -59,78 +64,6 @@ _MODES = {
 _CONTINUE_BODY = pb.BodyResponse()
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 _STREAMABLE = (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS)
-
-
-def _reservation(req: pb.ProcessingRequest) -> tuple[Handle, str] | SettleRefusal | None:
-    """The handle ext_authz put in the metadata and its MAC, unverified; or None if
-    there is no reservation (a local reply, an unbudgeted request)."""
-    ns = req.metadata_context.filter_metadata.get(_AUTHZ_NS)
-    if ns is None or "reservation_id" not in ns.fields:
-        return None
-    f = ns.fields
-    try:
-        handle = Handle(
-            reservation_id=f["reservation_id"].string_value,
-            subject=f["subject"].string_value if "subject" in f else "",
-            org=f["org"].string_value if "org" in f else "",
-            api=Api(f["api"].string_value).value,
-            model=f["model"].string_value if "model" in f else "",
-            input_estimate=_count(f, "input_estimate"),
-            output_reserved=_count(f, "output_reserved"),
-            stream=f["stream"].bool_value if "stream" in f else False,
-            output_cap=_count(f, "output_cap"),
-        )
-    except (KeyError, ValueError, OverflowError):  # no or unknown api, a NaN estimate...
-        return SettleRefusal.MALFORMED
-    mac = f[MAC_FIELD].string_value if MAC_FIELD in f else ""
-    return handle, mac
-
-
-def _count(f: Any, key: str) -> int:
-    if key not in f:
-        return 0
-    value = f[key].number_value
-    if value != int(value):  # int() raises for NaN/inf; a fraction was never ours
-        raise ValueError(key)
-    return int(value)
-
-
-def _info(h: Handle) -> ReservationInfo:
-    return ReservationInfo(
-        reservation_id=h.reservation_id,
-        api=Api(h.api),
-        input_estimate=h.input_estimate,
-        output_reserved=h.output_reserved,
-        org=h.org,
-        model=h.model,
-        output_cap=h.output_cap,
-    )
-
-
-def _labels(req: pb.ProcessingRequest) -> tuple[str, str]:
-    """(subject path, department) from what ext_authz decided, for spans and metrics."""
-    ns = req.metadata_context.filter_metadata.get(_AUTHZ_NS)
-    if ns is None or "subject" not in ns.fields:
-        return "", ""
-    subject = ns.fields["subject"].string_value
-    for part in subject.split("/"):
-        if part.startswith("department:"):
-            return subject, part[len("department:") :]
-    return subject, ""
-
-
-def _check_traceparent(req: pb.ProcessingRequest) -> str | None:
-    ns = req.metadata_context.filter_metadata.get(_AUTHZ_NS)
-    if ns is None or "traceparent" not in ns.fields:
-        return None
-    return ns.fields["traceparent"].string_value or None
-
-
-def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
-    out = {}
-    for h in msg.headers.headers:
-        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
-    return out
 
 
 class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
@@ -158,7 +91,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
     ) -> ReservationInfo | SettleRefusal | None:
         """The reservation this stream may settle; a SettleRefusal (counted, logged) if its
         handle does not verify: then nothing is settled or released."""
-        found = _reservation(req)
+        found = reservation(req)
         if found is None:
             return None
         if isinstance(found, SettleRefusal):
@@ -167,10 +100,10 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             handle, mac = found
             refusal = self._handles.verify(handle, mac)
             if refusal is None:
-                return _info(handle)
+                return reservation_info(handle)
             why = refusal
         self._metrics.settle_refused.labels(why.value).inc()
-        ns = req.metadata_context.filter_metadata[_AUTHZ_NS].fields
+        ns = req.metadata_context.filter_metadata[AUTHZ_NS].fields
         # Never the MAC or the key; the id and org as claimed (bounded), and the peer,
         # to find the caller.
         log.warning(
@@ -220,7 +153,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                     label,
                     outcome.usage if done else None,
                     department,
-                    _cost(policy, info.model, outcome) if done else None,
+                    settled_cost(policy, info.model, outcome) if done else None,
                 )
             if outcome.bound is not None:  # not what the upstream said: count, log, audit
                 self._metrics.settlement_bounds.labels(outcome.bound.reason).inc()
@@ -264,7 +197,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             except Exception:  # the 429 goes out regardless; the reservation expires
                 log.exception("release of %s failed", info.reservation_id)
                 self._metrics.settled("failed")
-            return _uncapped_refusal(info)
+            return uncapped_refusal(info)
         if rewritten is None:
             return pb.ProcessingResponse(request_body=_CONTINUE_BODY)
         # In BUFFERED mode with headers skipped Envoy drops content-length and re-frames.
@@ -292,7 +225,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                     refused = isinstance(found, SettleRefusal)
                     info = None if isinstance(found, SettleRefusal) else found
                     if info is not None:
-                        subject, department = _labels(req)
+                        subject, department = labels(req)
                         if self._tracing is not None and span is None:
                             span = self._start_span(context, req, info, subject)
                 if kind == "request_body":
@@ -304,7 +237,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                         req, info, tracker := ResponseTracker(info, bounds) if info else None
                     )
                     if info is not None and resp.mode_override.response_body_mode == _STREAMED:
-                        encoding = _headers(req.response_headers).get("content-encoding", "")
+                        encoding = header_map(req.response_headers).get("content-encoding", "")
                         undo = usage_remover(info.api, changes, encoding)
                     yield resp
                     if tracker is not None and tracker.outcome is not None:
@@ -323,10 +256,10 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                             finished = True
                             self._settle_later(tracker.info, outcome, department, span)
                             if outcome.later is None:  # else not known yet: no log field
-                                resp.dynamic_metadata.CopyFrom(_usage_metadata(outcome))
+                                resp.dynamic_metadata.CopyFrom(usage_metadata(outcome))
                     yield resp
                 else:
-                    yield _continue(kind)
+                    yield continue_message(kind)
         finally:
             # The stream closed (or was cancelled) without a complete response.
             if info is not None and not finished:
@@ -341,7 +274,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         subject: str,
     ) -> Span:
         assert self._tracing is not None
-        span = self._tracing.start_stream(context.invocation_metadata(), _check_traceparent(req))
+        span = self._tracing.start_stream(context.invocation_metadata(), check_traceparent(req))
         Tracing.stream_info(span, info.reservation_id, subject, info.model, info.api.value)
         return span
 
@@ -354,7 +287,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         if tracker is None:
             mode = BodyMode.NONE
         else:
-            h = _headers(req.response_headers)
+            h = header_map(req.response_headers)
             try:
                 status = int(h.get(":status", "0"))
             except ValueError:
@@ -364,68 +297,3 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             )
         override = processing_mode_pb2.ProcessingMode(response_body_mode=_MODES[mode])
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=override)
-
-
-def _uncapped_refusal(info: ReservationInfo) -> pb.ProcessingResponse:
-    """A 429 in the provider's error format, for a cap that could not be written."""
-    cap = info.output_cap
-    message = (
-        f"This request fits the remaining budget only with its output limited to {cap} "
-        f"tokens, and its body could not be rewritten to say so; send it with "
-        f"max_tokens (or the API's output limit) at most {cap}."
-    )
-    d = Decision(Verdict.DENY, 429, DenyReason.BUDGET_EXHAUSTED, "output_cap_unwritable",
-                 message, api=info.api)  # fmt: skip
-    headers = [("content-type", "application/json"), ("x-authz-reason", d.reason or ""),
-               ("x-authz-max-tokens", str(cap)), ("x-should-retry", "false")]  # fmt: skip
-    mutation = pb.HeaderMutation(
-        set_headers=[
-            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()))
-            for k, v in headers
-        ]
-    )
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=429),  # type: ignore[arg-type]
-            headers=mutation,
-            body=error_body(d, ""),
-            details="authz_output_cap_unwritable",
-        )
-    )
-
-
-def _cost(policy: Policy, model: str, outcome: Outcome) -> tuple[float, str] | None:
-    """What the usage cost at the policy's prices, or None for a model without one."""
-    price = policy.pricing.for_model(model or None)
-    if price is None:
-        return None
-    u = outcome.usage
-    micros = (
-        u.input_tokens * price.input
-        + u.cached_input_tokens * price.cached_input
-        + u.output_tokens * price.output
-    )
-    return micros / 1_000_000, policy.pricing.currency
-
-
-def _usage_metadata(outcome: Outcome) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    u = outcome.usage
-    fields: dict[str, Any] = {
-        "kind": outcome.kind,
-        "input": u.input_tokens,
-        "cached_input": u.cached_input_tokens,
-        "output": u.output_tokens,
-    }
-    s.update({_USAGE_NS: fields})
-    return s
-
-
-def _continue(kind: str | None) -> pb.ProcessingResponse:
-    if kind == "request_headers":
-        return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-    if kind == "request_trailers":
-        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-    if kind == "response_trailers":
-        return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-    return pb.ProcessingResponse(request_body=_CONTINUE_BODY)

@@ -1,0 +1,99 @@
+"""What ext_authz left in the metadata of an ext_proc stream, read without trusting it.
+
+Envoy forwards the ext_authz namespace on every ext_proc message; anyone who reaches
+the gRPC port can forge it, so the handle read here is only a claim until the servicer
+verifies its MAC (:mod:`authz.handles`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from authz.apis import Api
+from authz.handles import MAC_FIELD, Handle, SettleRefusal
+from authz.settle import ReservationInfo
+
+__all__ = [
+    "AUTHZ_NS",
+    "check_traceparent",
+    "header_map",
+    "labels",
+    "reservation",
+    "reservation_info",
+]
+
+AUTHZ_NS = "envoy.filters.http.ext_authz"
+
+
+def reservation(req: pb.ProcessingRequest) -> tuple[Handle, str] | SettleRefusal | None:
+    """The handle ext_authz put in the metadata and its MAC, unverified; or None if
+    there is no reservation (a local reply, an unbudgeted request)."""
+    ns = req.metadata_context.filter_metadata.get(AUTHZ_NS)
+    if ns is None or "reservation_id" not in ns.fields:
+        return None
+    f = ns.fields
+    try:
+        handle = Handle(
+            reservation_id=f["reservation_id"].string_value,
+            subject=f["subject"].string_value if "subject" in f else "",
+            org=f["org"].string_value if "org" in f else "",
+            api=Api(f["api"].string_value).value,
+            model=f["model"].string_value if "model" in f else "",
+            input_estimate=_count(f, "input_estimate"),
+            output_reserved=_count(f, "output_reserved"),
+            stream=f["stream"].bool_value if "stream" in f else False,
+            output_cap=_count(f, "output_cap"),
+        )
+    except (KeyError, ValueError, OverflowError):  # no or unknown api, a NaN estimate...
+        return SettleRefusal.MALFORMED
+    mac = f[MAC_FIELD].string_value if MAC_FIELD in f else ""
+    return handle, mac
+
+
+def _count(f: Any, key: str) -> int:
+    if key not in f:
+        return 0
+    value = f[key].number_value
+    if value != int(value):  # int() raises for NaN/inf; a fraction was never ours
+        raise ValueError(key)
+    return int(value)
+
+
+def reservation_info(h: Handle) -> ReservationInfo:
+    return ReservationInfo(
+        reservation_id=h.reservation_id,
+        api=Api(h.api),
+        input_estimate=h.input_estimate,
+        output_reserved=h.output_reserved,
+        org=h.org,
+        model=h.model,
+        output_cap=h.output_cap,
+    )
+
+
+def labels(req: pb.ProcessingRequest) -> tuple[str, str]:
+    """(subject path, department) from what ext_authz decided, for spans and metrics."""
+    ns = req.metadata_context.filter_metadata.get(AUTHZ_NS)
+    if ns is None or "subject" not in ns.fields:
+        return "", ""
+    subject = ns.fields["subject"].string_value
+    for part in subject.split("/"):
+        if part.startswith("department:"):
+            return subject, part[len("department:") :]
+    return subject, ""
+
+
+def check_traceparent(req: pb.ProcessingRequest) -> str | None:
+    ns = req.metadata_context.filter_metadata.get(AUTHZ_NS)
+    if ns is None or "traceparent" not in ns.fields:
+        return None
+    return ns.fields["traceparent"].string_value or None
+
+
+def header_map(msg: pb.HttpHeaders) -> dict[str, str]:
+    out = {}
+    for h in msg.headers.headers:
+        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
