@@ -81,6 +81,7 @@ class Options:
     concurrency: int = 24
     seed: int = 1
     workdir: Path | None = None
+    check_timeout: str = ""  # ext_authz grpc_service.timeout, e.g. "2s" (default: envoy.yaml's)
     message_timeout: str = ""  # ext_proc message_timeout, e.g. "0.5s" (default: envoy.yaml's)
 
 
@@ -208,6 +209,9 @@ def _run(opts: Options, work: Path) -> Totals:
             def endpoints(cfg: dict[str, Any]) -> None:
                 authz = cluster(cfg, "authz")
                 authz["lb_policy"] = "ROUND_ROBIN"
+                if opts.check_timeout:
+                    ext_authz = http_filter(cfg, "envoy.filters.http.ext_authz")
+                    ext_authz["grpc_service"]["timeout"] = opts.check_timeout
                 if opts.message_timeout:
                     http_filter(cfg, "envoy.filters.http.ext_proc")["message_timeout"] = (
                         opts.message_timeout
@@ -282,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=24)
     p.add_argument("--runs", type=int, default=1, help="repeat; stop at the first failure")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--check-timeout", default="", help="override envoy.yaml's, e.g. 2s")
     p.add_argument("--message-timeout", default="", help="override envoy.yaml's, e.g. 0.5s")
     p.add_argument("--workdir", type=Path, default=None, help="keep logs here")
     args = p.parse_args(argv)
@@ -295,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             args.concurrency,
             args.seed + i,
             args.workdir,
-            args.message_timeout,
+            check_timeout=args.check_timeout,
+            message_timeout=args.message_timeout,
         )
         totals = run(opts)
         print(

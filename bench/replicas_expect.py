@@ -142,7 +142,10 @@ def check_totals(server: Any, records: list[Any], users: int) -> Totals:
             if "/user:" in node and c.used != c.expected:
                 totals.notes += [f"{node}: {x}" for x in seen[node.rsplit("user:", 1)[1]]]
         for key in client.scan_iter(match="authz:*:dl", count=1000):
-            totals.notes += [f"open: {rid.decode()}" for rid in client.zrange(key, 0, -1)]
+            base = key.decode()[: -len("dl")]
+            for rid in client.zrange(key, 0, -1):
+                raw = client.get(f"{base}r:{rid.decode()}") or b""
+                totals.notes.append(f"open: {rid.decode()} {raw[:300]!r}")
     finally:
         client.close()
     return totals

@@ -111,6 +111,8 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):
             "model_rule": model or None,
             "status": d.status,
         }
+        if d.reservation_id:
+            extra["reservation"] = d.reservation_id
         if d.quota is not None:
             extra["budget"] = d.quota.budget
             extra["node"] = d.quota.node

@@ -57,7 +57,9 @@ class Unanswered:
             self._keep(task)
             raise
         rid = reservation_of(response)
-        left = context.time_remaining()
+        # None: no deadline (or a stand-in context without one, as in unit tests).
+        remaining = getattr(context, "time_remaining", None)
+        left = remaining() if remaining is not None else None
         if rid and left is not None and left < MARGIN_S:
             # Too late to be sure Envoy still waits: an error it would answer anyway.
             self._spawn(rid)
