@@ -146,10 +146,9 @@ async def serve(opts: ServeOptions) -> None:
     handles, refresh_handles = await open_handle_keys(
         opts.handle_key_file, ledger_url, opts.state_dir
     )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(enforcer, metrics, obs.tracing, obs.decision_log, handles=handles),
-        server,
-    )
+    checks = AuthorizationServicer(enforcer, metrics, obs.tracing, obs.decision_log,
+                                   handles=handles)  # fmt: skip
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(checks, server)
     extproc = ExternalProcessorServicer(enforcer, metrics, obs.tracing, handles=handles)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(extproc, server)
     health_servicer = health.aio.HealthServicer()
@@ -231,6 +230,7 @@ async def serve(opts: ServeOptions) -> None:
     readiness.serving = False
     await health_servicer.enter_graceful_shutdown()
     await server.stop(opts.grace_s)  # refuses new RPCs, waits for running ones
+    await checks.unanswered.drain()  # releases of answers Envoy never got
     await extproc.drain()
     for t in tasks:
         t.cancel()

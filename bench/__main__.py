@@ -1,4 +1,4 @@
-"""``python -m bench [run|profile|memory|micro|looplag]``: see docs/performance.md."""
+"""``python -m bench [run|profile|memory|micro|looplag|replicas]``: see docs/performance.md."""
 
 from __future__ import annotations
 
@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "micro":
             s.add_argument("--checks", type=int, default=20_000)
     argv = argv if argv is not None else (sys.argv[1:] or ["run"])
+    if argv[0] == "replicas":  # its own options (bench/replicas.py); needs no wrk
+        from bench.replicas import main as replicas
+
+        return replicas(argv[1:])
     if argv[0] == "looplag":  # its own options (bench/looplag.py); needs no wrk
         from bench.looplag import main as looplag
 

@@ -14,6 +14,7 @@ from opentelemetry.trace import Span
 from authz.decision import Decision
 from authz.enforcer import Enforcer
 from authz.envoy.convert import check_input, check_response
+from authz.envoy.unanswered import Unanswered
 from authz.handles import HandleKeys
 from authz.policy.model import Policy
 from authz.telemetry.logging import trace_ids
@@ -39,11 +40,18 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):
         self._handles = handles  # signs each reservation for ext_proc (authz.handles)
         self._metrics = metrics
         self._tracing = tracing  # None: tracing is off and nothing of it runs here
+        # Reservations of answers Envoy never got are released (authz/envoy/unanswered.py).
+        self.unanswered = Unanswered(enforcer.release)
         # "all": a line per decision; "denials" (default): denials only; "off": none.
         self._log_allows = decision_log == "all"
         self._log_denials = decision_log in ("all", "denials")
 
     async def Check(
+        self, request: authz_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> authz_pb2.CheckResponse:
+        return await self.unanswered.answer(self._traced(request, context), context)
+
+    async def _traced(
         self, request: authz_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> authz_pb2.CheckResponse:
         tracing = self._tracing
@@ -103,6 +111,8 @@ class AuthorizationServicer(authz_grpc.AuthorizationServicer):
             "model_rule": model or None,
             "status": d.status,
         }
+        if d.reservation_id:
+            extra["reservation"] = d.reservation_id
         if d.quota is not None:
             extra["budget"] = d.quota.budget
             extra["node"] = d.quota.node

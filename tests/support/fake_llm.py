@@ -28,6 +28,8 @@ sent it, so tests can check what Envoy/the service changed in it):
     x-fake-content-length: 1       send the whole stream at once, with Content-Length
     x-fake-id: S, x-fake-created: N  the response id and timestamp (default: a counter and
                                    now), so two answers can be compared byte for byte
+    x-fake-stall-after: N          pause after N streamed words until the client leaves (30 s
+                                   at most): no word is in flight when it does
     x-fake-gzip: 1                 gzip the body (Content-Encoding) if the client accepts gzip
     x-fake-gzip: always            gzip it whatever the client accepts (the shipped Envoy asks
                                    for identity; an upstream may compress all the same)
@@ -666,6 +668,7 @@ class FakeLLM:
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         sent = 0
+        stall_after = int(request.headers.get("x-fake-stall-after", "0"))
         record.output_tokens = turn.reasoning  # thought before the first word
         held = b""  # with split: what has not made a whole piece yet
         if request.headers.get("x-fake-unterminated") == "1":
@@ -692,6 +695,8 @@ class FakeLLM:
                     record.output_tokens = turn.reasoning + sent
                     if chunk_delay:
                         await asyncio.sleep(chunk_delay)
+                    if sent == stall_after:
+                        await _stall(request)
                 elif kind == "usage":
                     record.usage_reported = True
             if held:
@@ -703,6 +708,16 @@ class FakeLLM:
         except ConnectionResetError:
             pass  # the client went away: completed stays False
         return response
+
+
+async def _stall(request: web.Request, limit_s: float = 30.0) -> None:
+    """Pause until the client is gone (or ``limit_s``): nothing is in flight when it leaves."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        transport = request.transport  # None once the connection is lost
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(0.02)
 
 
 _BOMBS: dict[int, bytes] = {}
