@@ -102,7 +102,7 @@ def test_tpm_burst_queues_and_completes_high_priority_first(
     ]
     for t in holders:
         t.start()
-    time.sleep(0.3)  # both holders are streaming: the team's TPM is full
+    fake_llm.wait_in_flight(2)  # both holders are streaming: the team's TPM is full
     waiters = []
     for i in range(3):
         for prio in (0, 5):
@@ -128,7 +128,7 @@ def test_tpm_burst_queues_and_completes_high_priority_first(
 
 
 def test_past_max_wait_gets_429_with_retry_after(
-    envoy: EnvoyProcess, service: AuthzService, rsa: SigningKey
+    envoy: EnvoyProcess, service: AuthzService, rsa: SigningKey, fake_llm: FakeLLMThread
 ) -> None:
     done: list[str] = []
     holder = threading.Thread(
@@ -144,7 +144,7 @@ def test_past_max_wait_gets_429_with_retry_after(
         ),
     )
     holder.start()
-    time.sleep(0.3)
+    fake_llm.wait_in_flight(1)  # the holder streams: the team's one slot is taken
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as err:
         client(envoy, token(rsa, "solo-2", "acme", team="solo")).chat.completions.create(

@@ -215,6 +215,8 @@ def test_fifty_concurrent_requests_budget_for_ten_admit_ten(
     # Clients are built first and share one connection pool: building 50 SDK clients
     # (TLS contexts and all) inside the burst would starve the 2-core machine's service
     # of CPU and measure the test's client, not the gateway.
+    # Closed even when a request fails: its pooled sockets would otherwise be found by
+    # the GC in some later test, as a ResourceWarning that fails that test.
     http = openai.DefaultHttpxClient()
     # ~3 s streams: no admitted request settles (freeing budget) before the burst is decided.
     headers = {"x-fake-chunk-delay-ms": "1000", "x-fake-words": "3"}
@@ -234,9 +236,8 @@ def test_fifty_concurrent_requests_budget_for_ten_admit_ten(
         except openai.RateLimitError:
             return 429
 
-    with ThreadPoolExecutor(50) as pool:
+    with http, ThreadPoolExecutor(50) as pool:
         codes = list(pool.map(one, clients))
-    http.close()
     assert codes.count(200) == 10 and codes.count(429) == 40
 
 

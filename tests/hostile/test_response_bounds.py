@@ -278,7 +278,7 @@ audit: {{file: audit.jsonl}}
 
 
 async def test_a_big_json_body_is_parsed_after_envoy_got_its_reply() -> None:
-    """Envoy waits at most message_timeout (0.5 s) for the body's reply; a big body is
+    """Envoy waits at most message_timeout (envoy.yaml) for the body's reply; a big body is
     parsed off the loop afterwards, and the settlement waits for it instead."""
     usage = {"prompt_tokens": 33, "completion_tokens": 4}
     raw = json.dumps({"choices": [{"message": {"content": "x" * MIB}}], "usage": usage})

@@ -41,6 +41,8 @@ OpenAI ``prompt_tokens = P`` with ``cached_tokens = C`` inside it; Anthropic
 Every request is recorded in ``records`` once its response is over (use
 ``wait_records`` before asserting: the client can see the last byte before the record
 lands). An aborted stream has ``completed=False`` and ``output_tokens`` = tokens sent.
+``in_flight`` counts the requests being answered right now (``wait_in_flight``): a test
+that needs "these streams are open" waits for that, never for a fixed time.
 """
 
 from __future__ import annotations
@@ -456,13 +458,16 @@ class FakeLLM:
         self.default_words = words
         self.host = host
         self.records: list[Record] = []
+        self.in_flight = 0  # requests arrived whose answer is not over yet
         self._counter = 0
         self._runner: web.AppRunner | None = None
         self._port = 0
 
     # lifecycle ---------------------------------------------------------------------
     async def start(self, port: int = 0) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)  # big prompts are a test case
+        app = web.Application(  # big prompts are a test case
+            client_max_size=64 * 1024 * 1024, middlewares=[self._count_in_flight]
+        )
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/{tail:.*}", self._handle)
         # A short shutdown_timeout: stop() must not wait a minute for a slowed stream.
@@ -502,6 +507,15 @@ class FakeLLM:
         return FakeLLMThread(cls(**kwargs), port)
 
     # handlers ----------------------------------------------------------------------
+    @web.middleware
+    async def _count_in_flight(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        finally:
+            self.in_flight -= 1
+
     async def _models(self, request: web.Request) -> web.Response:
         self.records.append(
             Record(request.path, None, False, 0, 0, 0, 200, True, _headers(request), None)
@@ -731,6 +745,14 @@ class FakeLLMThread:
                 f"fake LLM has {have} records after {timeout}s, wanted {count}"
             ) from None
         return list(self.fake.records)
+
+    def wait_in_flight(self, count: int, timeout: float = 20.0) -> None:
+        """Until ``count`` requests are being answered at once (e.g. streams held open)."""
+        wait_until(
+            lambda: self.fake.in_flight >= count,
+            timeout=timeout,
+            what=f"{count} requests in flight at the fake LLM (now {self.fake.in_flight})",
+        )
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
