@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.e2e.spine_env import token
+from tests.support.clients import closing
 from tests.support.envoy_proc import EnvoyProcess, Mutator, http_filter
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.jwks_server import JwksServer
@@ -66,9 +67,12 @@ def service(
 
 
 def client(envoy: EnvoyProcess, tok: str, **headers: str) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=envoy.url + "/v1", api_key=tok, max_retries=0, timeout=30, default_headers=headers
-    )
+    return closing(
+        openai.OpenAI(
+            base_url=envoy.url + "/v1", api_key=tok, max_retries=0, timeout=30,
+            default_headers=headers,
+        )
+    )  # fmt: skip
 
 
 def stream_call(c: openai.OpenAI, label: str, done: list[str]) -> None:
