@@ -1,12 +1,14 @@
 """SDK clients a test closes when it ends, passed or failed: ``closing(openai.OpenAI(...))``.
 
-An ``openai.OpenAI`` or ``anthropic.Anthropic`` left open keeps its pooled keep-alive
-socket. The SDK client sits in a reference cycle (its resources point back at it), so
-only the cyclic GC frees it, during some later test, and the socket's finalizer can run
-before the client's own ``close``: a ResourceWarning, an error in this suite, blamed on
-a test that has nothing to do with it (seen on a busy machine, after a failed request
-kept its client alive in the traceback). The autouse fixture ``close_sdk_clients``
-(tests/conftest.py) closes every client registered here at the end of each test.
+Each test closes the sockets it opened (warnings are errors: a ResourceWarning fails
+whichever test the garbage collector happens to run in). A plain ``httpx.Client`` (e.g.
+``openai.DefaultHttpxClient()`` shared by a burst) has no finalizer that closes it: left
+open by a failed request, its pooled sockets warn in a later, unrelated test (issue 10,
+reproduced with PYTHONTRACEMALLOC: allocated in the burst's ``create``). The SDK
+clients do close themselves when collected, but a failed test's traceback keeps them,
+and their keep-alive sockets, alive into later tests. The autouse fixture
+``close_sdk_clients`` (tests/conftest.py) closes every client registered here at the
+end of each test, so its sockets end with it.
 """
 
 from __future__ import annotations
