@@ -42,7 +42,9 @@ Every request is recorded in ``records`` once its response is over (use
 ``wait_records`` before asserting: the client can see the last byte before the record
 lands). An aborted stream has ``completed=False`` and ``output_tokens`` = tokens sent.
 ``in_flight`` counts the requests being answered right now (``wait_in_flight``): a test
-that needs "these streams are open" waits for that, never for a fixed time.
+that needs "these streams are open" waits for that, never for a fixed time. A stream
+with ``x-fake-hold: NAME`` stops after its first word until ``release(NAME)``: a test
+holds it open for as long as its condition needs, not for a guessed duration.
 """
 
 from __future__ import annotations
@@ -459,6 +461,7 @@ class FakeLLM:
         self.host = host
         self.records: list[Record] = []
         self.in_flight = 0  # requests arrived whose answer is not over yet
+        self._holds: dict[str, asyncio.Event] = {}  # x-fake-hold name -> its release
         self._counter = 0
         self._runner: web.AppRunner | None = None
         self._port = 0
@@ -492,6 +495,16 @@ class FakeLLM:
 
     def reset(self) -> None:
         self.records.clear()
+        for held in self._holds.values():
+            held.set()  # nothing stays held into the next test
+        self._holds.clear()
+
+    def release(self, name: str) -> None:
+        """Let the streams sent with ``x-fake-hold: name`` (now or later) go on."""
+        self._hold(name).set()
+
+    def _hold(self, name: str) -> asyncio.Event:
+        return self._holds.setdefault(name, asyncio.Event())
 
     # Same signature as FakeLLMThread.wait_records, hence a timeout parameter.
     async def wait_records(self, count: int, timeout: float = 5.0) -> list[Record]:  # noqa: ASYNC109
@@ -664,6 +677,7 @@ class FakeLLM:
         await response.prepare(request)
         sent = 0
         record.output_tokens = turn.reasoning  # thought before the first word
+        hold = self._hold(request.headers["x-fake-hold"]) if "x-fake-hold" in request.headers else None
         try:
             for kind, chunk in events:
                 if kind == "word" and abort_after is not None and sent >= abort_after:
@@ -676,6 +690,9 @@ class FakeLLM:
                 if kind == "word":
                     sent += 1
                     record.output_tokens = turn.reasoning + sent
+                    if hold is not None:
+                        await hold.wait()
+                        hold = None
                     if chunk_delay:
                         await asyncio.sleep(chunk_delay)
                 elif kind == "usage":
@@ -734,7 +751,10 @@ class FakeLLMThread:
         return self.fake.records
 
     def reset(self) -> None:
-        self.fake.reset()
+        async def on_loop() -> None:  # held streams' events belong to the server's loop
+            self.fake.reset()
+
+        self._loop.run(on_loop())
 
     def wait_records(self, count: int, timeout: float = 5.0) -> list[Record]:
         try:
@@ -745,6 +765,10 @@ class FakeLLMThread:
                 f"fake LLM has {have} records after {timeout}s, wanted {count}"
             ) from None
         return list(self.fake.records)
+
+    def release(self, name: str) -> None:
+        """``FakeLLM.release`` on the server's loop."""
+        self._loop.loop.call_soon_threadsafe(self.fake.release, name)
 
     def wait_in_flight(self, count: int, timeout: float = 20.0) -> None:
         """Until ``count`` requests are being answered at once (e.g. streams held open)."""
