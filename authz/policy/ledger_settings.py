@@ -33,7 +33,7 @@ class BreakerSettings:
     failures: int = 5
     window_s: float = 10.0
     open_s: float = 5.0
-    # Well inside Envoy's 250 ms ext_authz timeout, but long enough for a batched lease
+    # Well inside Envoy's 1 s ext_authz timeout, but long enough for a batched lease
     # sync under load: at 50 ms the benchmark's saturated Redis runs tripped it.
     call_timeout_s: float = 0.15
     # fail_closed by default, as for the service being unreachable (Envoy's

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.e2e.spine_env import token
+from tests.e2e.spine_env import token, wait_metric
+from tests.support.clients import closing
 from tests.support.envoy_proc import EnvoyProcess, Mutator, http_filter
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.jwks_server import JwksServer
@@ -66,9 +67,12 @@ def service(
 
 
 def client(envoy: EnvoyProcess, tok: str, **headers: str) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=envoy.url + "/v1", api_key=tok, max_retries=0, timeout=30, default_headers=headers
-    )
+    return closing(
+        openai.OpenAI(
+            base_url=envoy.url + "/v1", api_key=tok, max_retries=0, timeout=30,
+            default_headers=headers,
+        )
+    )  # fmt: skip
 
 
 def stream_call(c: openai.OpenAI, label: str, done: list[str]) -> None:
@@ -91,7 +95,9 @@ def test_tpm_burst_queues_and_completes_high_priority_first(
     # Each request reserves ~105 tokens and settles ~15 (10 in + 5 out) after a slow
     # stream: two fit in the 300 TPM at once; each settlement lets the next one in.
     slow = {"x-fake-chunk-delay-ms": "50"}
-    hold = {"x-fake-chunk-delay-ms": "50", "x-fake-words": "20"}  # ~1 s: the queue forms
+    # The holders stream until the test releases them, once the queue has formed: on a
+    # busy machine a fixed ~1 s hold could end before the last waiter even arrived.
+    hold = {"x-fake-chunk-delay-ms": "50", "x-fake-words": "5", "x-fake-hold": "tpm"}
     done: list[str] = []
     holders = [
         threading.Thread(
@@ -102,7 +108,7 @@ def test_tpm_burst_queues_and_completes_high_priority_first(
     ]
     for t in holders:
         t.start()
-    time.sleep(0.3)  # both holders are streaming: the team's TPM is full
+    fake_llm.wait_in_flight(2)  # both holders are streaming: the team's TPM is full
     waiters = []
     for i in range(3):
         for prio in (0, 5):
@@ -112,14 +118,16 @@ def test_tpm_burst_queues_and_completes_high_priority_first(
                     target=stream_call, args=(client(envoy, tok, **slow), f"p{prio}-{i}", done)
                 )
             )
-    started = time.monotonic()
     for t in waiters:
         t.start()
         time.sleep(0.02)  # low and high priority interleaved, low first each time
+    depth = wait_metric(service.http_url, "authz_queue_depth", 6, timeout=20)
+    assert depth == 6, f"all six waiters queue behind the holders ({depth})"
+    fake_llm.release("tpm")
     for t in holders + waiters:
-        t.join(20)
-    assert len(done) == 8, done
-    assert time.monotonic() - started < 3 + 2, "all complete within max_wait"
+        t.join(30)
+    # Every one served: a waiter kept past max_wait_s would be recorded with its 429.
+    assert sorted(done) == sorted([f"hold{i}" for i in range(2)] + [f"p{p}-{i}" for i in range(3) for p in (0, 5)]), done
     arrivals = [r.body["messages"][0]["content"] for r in fake_llm.wait_records(8)]
     queued = [a for a in arrivals if a.startswith("p")]
     assert queued[:3] == sorted(queued[:3]) and all(a.startswith("p5") for a in queued[:3]), (
@@ -128,7 +136,7 @@ def test_tpm_burst_queues_and_completes_high_priority_first(
 
 
 def test_past_max_wait_gets_429_with_retry_after(
-    envoy: EnvoyProcess, service: AuthzService, rsa: SigningKey
+    envoy: EnvoyProcess, service: AuthzService, rsa: SigningKey, fake_llm: FakeLLMThread
 ) -> None:
     done: list[str] = []
     holder = threading.Thread(
@@ -144,7 +152,7 @@ def test_past_max_wait_gets_429_with_retry_after(
         ),
     )
     holder.start()
-    time.sleep(0.3)
+    fake_llm.wait_in_flight(1)  # the holder streams: the team's one slot is taken
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as err:
         client(envoy, token(rsa, "solo-2", "acme", team="solo")).chat.completions.create(

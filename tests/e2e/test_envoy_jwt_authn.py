@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from tests.support.clients import closing
 from tests.support.envoy_proc import EnvoyProcess, Mutator, add_jwt_authn
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.service import AuthzService
@@ -72,7 +73,9 @@ def tok(key: SigningKey, sub: str, **extra: object) -> str:
 
 
 def call(envoy: EnvoyProcess, token: str) -> object:
-    client = openai.OpenAI(base_url=envoy.url + "/v1", api_key=token, max_retries=0, timeout=10)
+    client = closing(
+        openai.OpenAI(base_url=envoy.url + "/v1", api_key=token, max_retries=0, timeout=10)
+    )
     return client.chat.completions.create(
         model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
     )

@@ -427,7 +427,7 @@ def test_envoy_that_cannot_start_fails_with_its_log(tmp_path: Path) -> None:
 
 
 def test_service_that_cannot_start_fails_fast_with_its_stderr(tmp_path: Path) -> None:
-    service = AuthzService(tmp_path / "missing-config.yaml", ready_timeout=20.0)
+    service = AuthzService(tmp_path / "missing-config.yaml")
     with pytest.raises(HarnessError, match="exited"):
         service.start()
     assert service.returncode not in (None, 0)

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from authz.telemetry.metrics import METRIC_NAMES
 from tests.e2e.spine_env import metric, token, wait_metric
+from tests.support.clients import closing
 from tests.support.envoy_proc import REPO_ROOT, EnvoyProcess, Mutator, cluster
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.jwks_server import JwksServer
@@ -171,10 +172,10 @@ TOKENS: list[str] = []  # every bearer token sent: none may ever show up in the 
 
 def client(gw: EnvoyProcess, tok: str, **headers: str) -> openai.OpenAI:
     TOKENS.append(tok)
-    return openai.OpenAI(
+    return closing(openai.OpenAI(
         base_url=gw.url + "/v1", api_key=tok, max_retries=0, timeout=20,
         default_headers=headers or None,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def chat(c: openai.OpenAI, max_tokens: int = 50) -> Any:

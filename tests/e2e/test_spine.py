@@ -18,6 +18,7 @@ import pytest
 from authz.apis import Api
 from authz.estimate import estimate_request
 from tests.e2e.spine_env import metric, token, wait_metric, write_policy
+from tests.support.clients import closing
 from tests.support.envoy_proc import EnvoyProcess
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.jwks_server import JwksServer
@@ -68,12 +69,14 @@ def gw(envoy: EnvoyProcess, service: AuthzService, fake_llm: FakeLLMThread) -> E
 
 
 def oai(envoy: EnvoyProcess, tok: str, **headers: str) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=envoy.url + "/v1",
-        api_key=tok,
-        max_retries=0,
-        default_headers=headers or None,
-        timeout=20,
+    return closing(
+        openai.OpenAI(
+            base_url=envoy.url + "/v1",
+            api_key=tok,
+            max_retries=0,
+            default_headers=headers or None,
+            timeout=20,
+        )
     )
 
 
@@ -154,12 +157,14 @@ def test_stream_settles_exact_reported_usage(
 def test_anthropic_sdk_json_and_stream_then_rate_limit(
     gw: EnvoyProcess, rsa: SigningKey, service: AuthzService
 ) -> None:
-    client = anthropic.Anthropic(
-        base_url=gw.url,
-        api_key=token(rsa, "claude-user", "anthro"),
-        max_retries=0,
-        timeout=20,
-        default_headers={"x-fake-prompt-tokens": "300", "x-fake-words": "8"},
+    client = closing(
+        anthropic.Anthropic(
+            base_url=gw.url,
+            api_key=token(rsa, "claude-user", "anthro"),
+            max_retries=0,
+            timeout=20,
+            default_headers={"x-fake-prompt-tokens": "300", "x-fake-words": "8"},
+        )
     )
     msg = client.messages.create(
         model="claude-sonnet-4", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
@@ -215,6 +220,8 @@ def test_fifty_concurrent_requests_budget_for_ten_admit_ten(
     # Clients are built first and share one connection pool: building 50 SDK clients
     # (TLS contexts and all) inside the burst would starve the 2-core machine's service
     # of CPU and measure the test's client, not the gateway.
+    # Closed even when a request fails: its pooled sockets would otherwise be found by
+    # the GC in some later test, as a ResourceWarning that fails that test.
     http = openai.DefaultHttpxClient()
     # ~3 s streams: no admitted request settles (freeing budget) before the burst is decided.
     headers = {"x-fake-chunk-delay-ms": "1000", "x-fake-words": "3"}
@@ -234,9 +241,8 @@ def test_fifty_concurrent_requests_budget_for_ten_admit_ten(
         except openai.RateLimitError:
             return 429
 
-    with ThreadPoolExecutor(50) as pool:
+    with http, ThreadPoolExecutor(50) as pool:
         codes = list(pool.map(one, clients))
-    http.close()
     assert codes.count(200) == 10 and codes.count(429) == 40
 
 
@@ -354,7 +360,9 @@ def test_oversized_body_is_not_trusted_as_complete(gw: EnvoyProcess, rsa: Signin
 
 
 def test_anthropic_denials_use_anthropic_error_format(gw: EnvoyProcess) -> None:
-    client = anthropic.Anthropic(base_url=gw.url, api_key="not-a-token", max_retries=0, timeout=10)
+    client = closing(
+        anthropic.Anthropic(base_url=gw.url, api_key="not-a-token", max_retries=0, timeout=10)
+    )
     with pytest.raises(anthropic.AuthenticationError) as err:
         client.messages.create(
             model="claude-sonnet-4", max_tokens=5, messages=[{"role": "user", "content": "hi"}]

@@ -157,6 +157,8 @@ def test_concurrent_checks_on_two_replicas_never_exceed_a_hard_budget(
     gw: EnvoyProcess, rsa: SigningKey, redis: RedisServer
 ) -> None:
     # Slow streams keep every admitted reservation open while the other checks arrive.
+    # Closed even when a request fails: its pooled sockets would otherwise be found by
+    # the GC in some later test, as a ResourceWarning that fails that test.
     http = openai.DefaultHttpxClient()
     # Streams of ~3 s: every check of the burst happens while all admitted ones are open
     # (a settlement would free budget and let a later check in, legitimately).
@@ -179,9 +181,8 @@ def test_concurrent_checks_on_two_replicas_never_exceed_a_hard_budget(
         except openai.APIStatusError as exc:
             return exc.status_code, 0.0, 0.0
 
-    with ThreadPoolExecutor(len(clients)) as pool:
+    with http, ThreadPoolExecutor(len(clients)) as pool:
         results = list(pool.map(one, clients))
-    http.close()
     codes = [code for code, _, _ in results]
     ok = [(admitted, ended) for code, admitted, ended in results if code == 200]
     assert set(codes) == {200, 429}, codes

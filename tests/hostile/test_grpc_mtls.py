@@ -28,6 +28,7 @@ from google.protobuf import struct_pb2
 from tests.e2e import conftest as e2e_fixtures
 from tests.e2e.spine_env import metric, wait_metric
 from tests.support.certs import Issued, TestCA
+from tests.support.clients import closing
 from tests.support.envoy_proc import ENVOY_YAML, EnvoyProcess, Mutator, cluster
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.service import AuthzService
@@ -205,12 +206,14 @@ def test_request_through_envoy_is_checked_and_settled(
     service: AuthzService,
     fake_llm: FakeLLMThread,
 ) -> None:
-    client = openai.OpenAI(
-        base_url=envoy.url + "/v1",
-        api_key=KEY,
-        max_retries=0,
-        timeout=10,
-        default_headers={"x-fake-words": "7", "x-fake-prompt-tokens": "11"},
+    client = closing(
+        openai.OpenAI(
+            base_url=envoy.url + "/v1",
+            api_key=KEY,
+            max_retries=0,
+            timeout=10,
+            default_headers={"x-fake-words": "7", "x-fake-prompt-tokens": "11"},
+        )
     )
     client.chat.completions.create(
         model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hi"}]

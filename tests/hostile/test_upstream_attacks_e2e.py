@@ -4,7 +4,7 @@ The fake upstream answers with a gzip body that inflates 1000:1 (``x-fake-gzip-b
 or reports ``prompt_tokens: 10**18`` (``x-fake-prompt-tokens``). Before the fix the bomb
 took gigabytes of RSS and held the event loop for seconds, so every Check in that time
 got Envoy's 503; the absurd usage exhausted the budget. Now the service's peak RSS
-barely moves, other clients' Checks keep passing within Envoy's 250 ms timeout, the
+barely moves, other clients' Checks keep passing within Envoy's ext_authz timeout, the
 bomb's reservation is charged (never zero), and the absurd usage charges the bound.
 """
 
@@ -110,7 +110,7 @@ def test_gzip_bomb_keeps_rss_bounded_and_checks_flowing(
         thread = threading.Thread(target=bomb)
         thread.start()
         # Other clients' Checks while the bomb is read: each must pass, none get the
-        # 503 Envoy answers when the service misses its 250 ms ext_authz timeout.
+        # 503 Envoy answers when the service misses its ext_authz timeout (1 s).
         statuses = [_post(http, "bystander").status_code for _ in range(15)]
         thread.join(60)
         assert not thread.is_alive() and bomb_status == [200]

@@ -139,7 +139,7 @@ def test_reload_on_file_change(svc: AuthzService, tmp_path: Path) -> None:
 def test_bad_policy_at_start_exits_with_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(POLICY.replace("TOKENS", "-1"))
-    svc = AuthzService(bad, workdir=tmp_path, ready_timeout=10)
+    svc = AuthzService(bad, workdir=tmp_path)
     with pytest.raises(
         Exception, match=r"budgets\[0\]\.tokens: must be an integer >= 1 \(got -1\)"
     ):

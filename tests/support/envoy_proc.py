@@ -220,7 +220,7 @@ class EnvoyProcess:
         workdir: Path | None = None,
         log_level: str = "warn",
         extra_args: Sequence[str] = (),
-        ready_timeout: float = 20.0,
+        ready_timeout: float = 60.0,  # reached only on failure: LIVE ends the wait
     ) -> None:
         self.config_path = Path(config_path)
         self.workdir = Path(workdir) if workdir else self.config_path.parent

@@ -49,6 +49,10 @@ OpenAI ``prompt_tokens = P`` with ``cached_tokens = C`` inside it; Anthropic
 Every request is recorded in ``records`` once its response is over (use
 ``wait_records`` before asserting: the client can see the last byte before the record
 lands). An aborted stream has ``completed=False`` and ``output_tokens`` = tokens sent.
+``in_flight`` counts the requests being answered right now (``wait_in_flight``): a test
+that needs "these streams are open" waits for that, never for a fixed time. A stream
+with ``x-fake-hold: NAME`` stops after its first word until ``release(NAME)``: a test
+holds it open for as long as its condition needs, not for a guessed duration.
 """
 
 from __future__ import annotations
@@ -464,13 +468,17 @@ class FakeLLM:
         self.default_words = words
         self.host = host
         self.records: list[Record] = []
+        self.in_flight = 0  # requests arrived whose answer is not over yet
+        self._holds: dict[str, asyncio.Event] = {}  # x-fake-hold name -> its release
         self._counter = 0
         self._runner: web.AppRunner | None = None
         self._port = 0
 
     # lifecycle ---------------------------------------------------------------------
     async def start(self, port: int = 0) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)  # big prompts are a test case
+        app = web.Application(  # big prompts are a test case
+            client_max_size=64 * 1024 * 1024, middlewares=[self._count_in_flight]
+        )
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/{tail:.*}", self._handle)
         # A short shutdown_timeout: stop() must not wait a minute for a slowed stream.
@@ -495,6 +503,16 @@ class FakeLLM:
 
     def reset(self) -> None:
         self.records.clear()
+        for held in self._holds.values():
+            held.set()  # nothing stays held into the next test
+        self._holds.clear()
+
+    def release(self, name: str) -> None:
+        """Let the streams sent with ``x-fake-hold: name`` (now or later) go on."""
+        self._hold(name).set()
+
+    def _hold(self, name: str) -> asyncio.Event:
+        return self._holds.setdefault(name, asyncio.Event())
 
     # Same signature as FakeLLMThread.wait_records, hence a timeout parameter.
     async def wait_records(self, count: int, timeout: float = 5.0) -> list[Record]:  # noqa: ASYNC109
@@ -510,6 +528,15 @@ class FakeLLM:
         return FakeLLMThread(cls(**kwargs), port)
 
     # handlers ----------------------------------------------------------------------
+    @web.middleware
+    async def _count_in_flight(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        finally:
+            self.in_flight -= 1
+
     async def _models(self, request: web.Request) -> web.Response:
         self.records.append(
             Record(request.path, None, False, 0, 0, 0, 200, True, _headers(request), None)
@@ -674,6 +701,7 @@ class FakeLLM:
         if request.headers.get("x-fake-unterminated") == "1":
             *head, (kind, last) = events
             events = iter([*head, (kind, last.rstrip(b"\n"))])
+        hold = self._hold(request.headers["x-fake-hold"]) if "x-fake-hold" in request.headers else None
         try:
             for kind, chunk in events:
                 if kind == "word" and abort_after is not None and sent >= abort_after:
@@ -693,6 +721,9 @@ class FakeLLM:
                 if kind == "word":
                     sent += 1
                     record.output_tokens = turn.reasoning + sent
+                    if hold is not None:
+                        await hold.wait()
+                        hold = None
                     if chunk_delay:
                         await asyncio.sleep(chunk_delay)
                     if sent == stall_after:
@@ -765,7 +796,10 @@ class FakeLLMThread:
         return self.fake.records
 
     def reset(self) -> None:
-        self.fake.reset()
+        async def on_loop() -> None:  # held streams' events belong to the server's loop
+            self.fake.reset()
+
+        self._loop.run(on_loop())
 
     def wait_records(self, count: int, timeout: float = 5.0) -> list[Record]:
         try:
@@ -776,6 +810,18 @@ class FakeLLMThread:
                 f"fake LLM has {have} records after {timeout}s, wanted {count}"
             ) from None
         return list(self.fake.records)
+
+    def release(self, name: str) -> None:
+        """``FakeLLM.release`` on the server's loop."""
+        self._loop.loop.call_soon_threadsafe(self.fake.release, name)
+
+    def wait_in_flight(self, count: int, timeout: float = 20.0) -> None:
+        """Until ``count`` requests are being answered at once (e.g. streams held open)."""
+        wait_until(
+            lambda: self.fake.in_flight >= count,
+            timeout=timeout,
+            what=f"{count} requests in flight at the fake LLM (now {self.fake.in_flight})",
+        )
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):

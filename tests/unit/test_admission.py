@@ -298,4 +298,4 @@ def test_check_config_warns_when_envoy_times_out_before_max_wait(tmp_path: Path)
         timeout=60,
     )
     assert out.returncode == 0
-    assert "times out after 0.25s but queue.max_wait_s is 5s" in out.stderr
+    assert "times out after 1s but queue.max_wait_s is 5s" in out.stderr
