@@ -146,15 +146,15 @@ def idle(args: argparse.Namespace) -> int:
         before = rss_mb(pid)
         base = _checks(run)
         print(f"  before: {before:7.1f} MB after {base:,} warm-up checks", flush=True)
-        peak, start = before, time.monotonic()
+        peak, start, rate = before, time.monotonic(), 0.0
         while (left := base + users - _checks(run)) > 0:
-            # The end of each wrk run cuts the requests in flight; those cut between the
-            # Check and the response phase leave a reservation open for its TTL (600 s),
-            # longer than the idle wait. So after a first 10 s run has measured the rate,
-            # one run for (nearly) the rest, not 10 s slices: ~5 cuts, not ~100.
-            rate = (_checks(run) - base) / (time.monotonic() - start)
-            duration = 10.0 if rate <= 0 or left == users else max(5.0, left / rate)
-            run_wrk(run.url, load, duration_s=duration, connections=args.connections)
+            # Each wrk run starts again at the file's first request, and its end cuts the
+            # requests in flight (those cut between the Check and the response leave a
+            # reservation open for its 600 s TTL). So not 10 s slices (the same first
+            # users again and again) but, once a 10 s run has measured the rate (wrk's
+            # own: loading 200k requests takes it a while), one run for the rest.
+            duration = 10.0 if rate <= 0 else max(5.0, left / rate)
+            rate = run_wrk(run.url, load, duration_s=duration, connections=args.connections).rps
             peak = max(peak, rss_mb(pid))
         loaded = _checks(run) - base
         print(f"  peak:   {peak:7.1f} MB after {loaded:,} checks of {users:,} users"
