@@ -117,7 +117,7 @@ class LimitPlanner:
         # their garbage-collection horizon moves with time: re-plan at least each minute.
         until = min([p.limit.window_end for p in planned if not p.limit.release_on_settle],
                     default=now + 60.0)  # fmt: skip
-        self._cache[key] = (min(until, now + 60.0), planned)
+        self._cache.offer(key, (min(until, now + 60.0), planned))
         return planned
 
 

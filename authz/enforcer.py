@@ -220,7 +220,9 @@ class Enforcer:
         if hit is not None and hit[0] is claims:
             return hit[1]
         subject = map_subject(policy.subject, claims)
-        self._subjects[id(claims)] = (claims, subject)
+        # Kept from a subject's second check on (claims are a new object per check
+        # until the token is cached): by the subject, not by id(claims), which recurs.
+        self._subjects.offer(id(claims), (claims, subject), subject.nodes)
         return subject
 
     def forget_idle(self, idle_s: float = IDLE_S) -> int:

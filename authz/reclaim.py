@@ -4,20 +4,21 @@ Forgetting idle callers (``Enforcer.forget_idle``, the memory ledger's pruning) 
 their objects inside the process, but CPython rarely returns that memory:
 
 - pymalloc carves small objects out of 1 MiB arenas and returns an arena only when
-  every object in it is gone; after 200k callers came and went, a few long-lived
-  objects pinned most arenas. Running on glibc's malloc (``PYTHONMALLOC=malloc`` in the
-  service's environment) lets a trim give them back, at ~10-15% more CPU per check
-  (measured in process, best of five: 80 -> 94 us per check and settle). That is a
-  cost on every request for memory that is bounded either way (the arenas are reused
-  by the next callers, not added to), so it is the operator's choice, not the default;
+  every object in it is gone. Memo entries of 200k callers filled ~20 new arenas, and
+  the few long-lived objects made meanwhile (a counter's new value, a memo's key, a
+  reservation left open by a client gone before its response) pinned nearly all of
+  them: +28% RSS after the callers left. So callers seen once get no memo entry at all
+  (:class:`authz.recent.Doorkeeper`); what a one-off caller still leaves (its minute
+  rate counter, its settled id) is small and follows the request rate, so few arenas
+  are filled. ``PYTHONMALLOC=malloc`` remains an option, at ~10-15% more CPU per check;
 - glibc keeps freed pages until ``malloc_trim``; and the interpreter's free lists and
   any cyclic garbage keep objects until a full ``gc.collect()``.
 
-Measured with ``python -m bench memory --idle`` (200k users once each, then idle): with
-pymalloc and a trim, 83 -> 122 -> 117 MB (+40%); with glibc malloc, collection and trim,
-see docs/performance.md. The collection and trim take tens of ms on the event loop, so
-they run only after a sweep forgot at least :data:`RECLAIM_AT` entries (at most once per
-memo rotation, a minute), never per check. On anything but glibc this does nothing.
+Figures (``python -m bench memory --idle``): docs/performance.md. The collection and
+trim take tens of ms on the event loop, so they run only after a sweep forgot (or its
+memos turned away) at least :data:`RECLAIM_AT` entries, at most once per memo rotation
+(a minute), and once more :data:`TAIL_S` later, never per check. On anything but glibc
+this does nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ log = logging.getLogger("authz.reclaim")
 
 # Entries forgotten in one sweep from which a trim is worth its few milliseconds.
 RECLAIM_AT = 10_000
+# After such a sweep, one more trim this much later: the ledger's minute windows and
+# settled ids (kept a minute) of the last callers go after the memos that named them.
+TAIL_S = 150.0
+_again_at: float | None = None
 
 
 @functools.cache
@@ -50,11 +55,20 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-def release_memory(forgotten: int) -> bool:
+def release_memory(forgotten: int, now: float | None = None) -> bool:
     """After ``forgotten`` entries were dropped: hand freed heap pages back to the OS
-    (glibc ``malloc_trim(0)``) if that many are worth it. True if a trim ran."""
+    (glibc ``malloc_trim(0)``) if that many are worth it, and once more :data:`TAIL_S`
+    later. True if a trim ran."""
+    global _again_at
     trim = _malloc_trim()
-    if forgotten < RECLAIM_AT or trim is None:
+    if trim is None:
+        return False
+    now = time.monotonic() if now is None else now
+    if forgotten >= RECLAIM_AT:
+        _again_at = now + TAIL_S
+    elif _again_at is not None and now >= _again_at:
+        _again_at = None
+    else:
         return False
     start = time.perf_counter()
     gc.collect()  # also empties the interpreter's free lists, which hold freed objects

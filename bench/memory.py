@@ -9,7 +9,8 @@ slices. Growth between 100k and N is what a long-running service would keep gain
 After a warm-up of 1,000 users (``--warm-checks``, 60k: the steady state of what follows
 the request rate rather than the callers), RSS "before"; then N distinct users (200k by default,
 ES256 JWTs, so minting them takes seconds, not minutes) send one request each through
-Envoy (configuration e: ext_proc settles each), RSS at the peak; then nothing, and RSS
+Envoy (configuration e: ext_proc settles each), RSS at the peak (read between wrk runs:
+one 10 s run, then one for the rest); then nothing, and RSS
 "after" once their minute windows have ended and the sweep has forgotten them (two
 rotations of the enforcer's memos, ``--idle-wait`` seconds). The policy is the bench's
 examples/policy.yaml without the per-user *daily* budget: a counter in a live window is
@@ -145,9 +146,15 @@ def idle(args: argparse.Namespace) -> int:
         before = rss_mb(pid)
         base = _checks(run)
         print(f"  before: {before:7.1f} MB after {base:,} warm-up checks", flush=True)
-        peak, start = before, time.monotonic()
-        while _checks(run) < base + users:
-            run_wrk(run.url, load, duration_s=10, connections=args.connections)
+        peak, start, rate = before, time.monotonic(), 0.0
+        while (left := base + users - _checks(run)) > 0:
+            # Each wrk run starts again at the file's first request, and its end cuts the
+            # requests in flight (those cut between the Check and the response leave a
+            # reservation open for its 600 s TTL). So not 10 s slices (the same first
+            # users again and again) but, once a 10 s run has measured the rate (wrk's
+            # own: loading 200k requests takes it a while), one run for the rest.
+            duration = 10.0 if rate <= 0 else max(5.0, left / rate)
+            rate = run_wrk(run.url, load, duration_s=duration, connections=args.connections).rps
             peak = max(peak, rss_mb(pid))
         loaded = _checks(run) - base
         print(f"  peak:   {peak:7.1f} MB after {loaded:,} checks of {users:,} users"

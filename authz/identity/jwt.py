@@ -22,6 +22,7 @@ from authz.clock import Clock
 from authz.errors import IdentityError
 from authz.identity.jwks import KeySource
 from authz.identity.settings import JwtSettings
+from authz.recent import Doorkeeper
 
 if TYPE_CHECKING:
     from jwt.types import Options
@@ -86,6 +87,9 @@ class JwtVerifier:
         self._clock = clock
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._cache_size = cache_size
+        # A token is cached from its second presentation on: one presented once (a burst
+        # of new callers) leaves no entry to pin memory after it goes (authz.recent).
+        self._seen = Doorkeeper()
         self._algorithms = list(settings.algorithms)
         self._audiences = list(settings.audiences)
         self._issuers = list(settings.issuers)
@@ -128,6 +132,8 @@ class JwtVerifier:
         return None
 
     def _cache_put(self, digest: bytes, claims: Mapping[str, Any]) -> None:
+        if not self._seen.admit(digest):
+            return
         exp = claims.get("exp")
         if exp is not None:
             deadline, deadline_is_exp = float(exp) + self._settings.leeway_s, True
@@ -140,20 +146,23 @@ class JwtVerifier:
             self._cache.popitem(last=False)
 
     def forget_idle(self, now: float, idle_s: float) -> int:
-        """Forget tokens not presented for ``idle_s`` seconds; return how many.
+        """Forget tokens not presented for ``idle_s`` seconds; return how many. Called
+        once per ``idle_s`` (the enforcer's rotation), which also rotates the doorkeeper;
+        tokens it turned away since count as forgotten.
 
         Least recently used first (the order is the LRU order), so this stops at the
         first token used lately: O(forgotten). A fresh dict once most are gone, as a
         dict never shrinks its table by deletion.
         """
-        cache, dropped = self._cache, 0
+        cache, dropped = self._cache, self._seen.rotate()
+        turned_away = dropped
         while cache:
             digest, entry = next(iter(cache.items()))
             if entry[3] > now - idle_s:
                 break
             del cache[digest]
             dropped += 1
-        if dropped > len(cache):
+        if dropped - turned_away > len(cache):
             self._cache = OrderedDict(cache)
         return dropped
 

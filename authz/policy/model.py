@@ -257,7 +257,7 @@ class Policy:
         for r in found:
             best[(r.level, r.kind)] = max(best.get((r.level, r.kind), -1), r.specificity)
         chosen = tuple(r for r in found if r.specificity == best[(r.level, r.kind)])
-        self._rate_cache[path.nodes] = chosen
+        self._rate_cache.offer(path.nodes, chosen)
         return chosen
 
     def budgets_for(self, path: SubjectPath) -> tuple[Budget, ...]:
@@ -275,5 +275,5 @@ class Policy:
             slot = (b.level, b.period, b.unit)
             best[slot] = max(best.get(slot, -1), b.specificity)
         chosen = tuple(b for b in matching if b.specificity == best[(b.level, b.period, b.unit)])
-        self._cache[path.nodes] = chosen
+        self._cache.offer(path.nodes, chosen)
         return chosen

@@ -3,9 +3,9 @@
 Before, 100k users with one request each kept ~1.7 KB each for good: memos cleared only
 at 100k entries, ledger counters pruned only when another reserve came, expired
 reservations kept an hour. Here, with a fake clock, through the real enforcer and JWT
-verifier: every per-caller structure grows with the callers, then, once their windows
-have ended and the sweep has run (as authz.server does every second), shrinks back to
-what it held before them. Counted in entries, not RSS (``python -m bench memory --idle``
+verifier: the memos do not grow with callers seen once, the ledger's counters do, and
+once their windows have ended and the sweep has run (as authz.server does every
+second), every structure is back to what it held before them. Counted in entries, not RSS (``python -m bench memory --idle``
 measures RSS on the real service).
 """
 
@@ -108,7 +108,9 @@ async def test_per_caller_state_shrinks_back_once_callers_are_idle(tmp_path: Pat
     await one(regular)
     await _sweep_for(enforcer, clock, 3 * IDLE_S)
     await one(regular)
+    await one(regular)  # a caller that comes back is memoised from its second check
     before = _sizes(enforcer, ledger)
+    assert before["subjects"] == before["tokens"] == 1, before
 
     # Many users once each (a few never settle: their stream died), then one regular
     # caller keeps coming every few seconds while everyone else is gone.
@@ -117,8 +119,11 @@ async def test_per_caller_state_shrinks_back_once_callers_are_idle(tmp_path: Pat
         if i % 100 == 0:
             clock.advance(1.0)
     peak = _sizes(enforcer, ledger)
-    for name in ("subjects", "plans", "budgets_for", "rates_for", "tokens", "counters"):
-        assert peak[name] >= USERS, (name, peak)
+    # Callers seen once leave no memo (authz.recent.Doorkeeper: pymalloc arenas that
+    # their entries filled stayed pinned after they left); their rate counters they do.
+    memos = ("subjects", "plans", "budgets_for", "rates_for", "tokens")
+    assert all(peak[name] <= before[name] + USERS // 100 for name in memos), (before, peak)
+    assert peak["counters"] >= USERS, peak
     for _ in range(130):  # 1300 s: the reservation TTL (600 s) and late-settle memory (600 s)
         await one(regular)
         await _sweep_for(enforcer, clock, 10)

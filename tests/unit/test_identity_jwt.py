@@ -358,23 +358,25 @@ def counting_verifier(
 async def test_cache_hit_skips_verification(jwks_file: str, clock: FakeClock) -> None:
     verifier, keys = counting_verifier(jwks_file, clock)
     token = mint(make_rsa_key(), claims(clock))
-    first = await verifier.verify(token)
-    second = await verifier.verify(token)
-    assert second is first
-    assert keys.calls == 1
+    await verifier.verify(token)  # seen once: verified, not kept (a one-off caller)
+    assert len(verifier) == 0
+    second = await verifier.verify(token)  # back: verified again, and kept
+    assert await verifier.verify(token) is second
+    assert keys.calls == 2
 
 
 async def test_cache_hit_expires_with_the_token(jwks_file: str, clock: FakeClock) -> None:
     verifier, keys = counting_verifier(jwks_file, clock)
     token = mint(make_rsa_key(), claims(clock, exp=int(clock.now()) + 60))
     await verifier.verify(token)
+    await verifier.verify(token)  # the second presentation is cached
     clock.advance(60 + LEEWAY - 1)
     await verifier.verify(token)
     clock.advance(1)
     with pytest.raises(IdentityError) as info:
         await verifier.verify(token)
     assert info.value.reason == "expired"
-    assert keys.calls == 1  # the cached exp was enough to refuse it
+    assert keys.calls == 2  # the cached exp was enough to refuse it
 
 
 async def test_cache_is_bounded_and_evicts_least_recently_used(
@@ -382,15 +384,16 @@ async def test_cache_is_bounded_and_evicts_least_recently_used(
 ) -> None:
     verifier, keys = counting_verifier(jwks_file, clock, cache_size=2)
     a, b, c = (mint(make_rsa_key(), claims(clock, jti=j)) for j in "abc")
-    await verifier.verify(a)
-    await verifier.verify(b)
+    for token in (a, a, b, b):  # each kept from its second presentation
+        await verifier.verify(token)
     await verifier.verify(a)  # a is now the most recently used
-    await verifier.verify(c)  # evicts b
-    assert keys.calls == 3
+    await verifier.verify(c)
+    await verifier.verify(c)  # kept: evicts b
+    assert keys.calls == 6
     await verifier.verify(a)
-    assert keys.calls == 3
+    assert keys.calls == 6
     await verifier.verify(b)
-    assert keys.calls == 4
+    assert keys.calls == 7
 
 
 async def test_refused_tokens_are_not_cached(jwks_file: str, clock: FakeClock) -> None:
@@ -410,12 +413,12 @@ async def test_token_without_exp_is_reverified_after_the_jwks_period(
     keys = CountingKeys(JwksCache(settings, clock=clock))
     verifier = JwtVerifier(settings, keys=keys, clock=clock)
     token = mint(make_rsa_key(), claims(clock, exp=None))
-    await verifier.verify(token)
-    await verifier.verify(token)
-    assert keys.calls == 1
+    for _ in range(3):  # verified twice (kept from the second), then a cache hit
+        await verifier.verify(token)
+    assert keys.calls == 2
     clock.advance(settings.jwks_cache_s)
     await verifier.verify(token)
-    assert keys.calls == 2
+    assert keys.calls == 3
 
 
 @pytest.mark.parametrize("alg", ["none", "HS256", "RS512"])
