@@ -69,7 +69,15 @@ def test_handle_stays_between_envoy_and_the_service(
         extra = {"x-fake-words": "7", "x-fake-prompt-tokens": "13"}
         kw = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
         if stream:
-            list(c.chat.completions.create(**kw, stream=True, extra_headers=extra))  # type: ignore[call-overload]
+            # Read to the end of the body: the SDK's own loop stops at [DONE] and closes,
+            # which can reset the stream before Envoy hands ext_proc its end_of_stream;
+            # the settlement is then the abort path's (still exact) and the access log
+            # has no usage field. That race is not what this test is about.
+            raw = c.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+                **kw, stream=True, extra_headers=extra
+            )
+            with raw as response:
+                response.read()
         else:
             c.chat.completions.create(**kw, extra_headers=extra)  # type: ignore[call-overload]
     [rec] = fake.wait_records(1)
