@@ -1,6 +1,6 @@
 """Reservations whose Check answer Envoy never used are released, not left held.
 
-Envoy waits ``grpc_service.timeout`` (250 ms in the shipped envoy.yaml) for a Check;
+Envoy waits ``grpc_service.timeout`` (1 s in the shipped envoy.yaml, 250 ms before) for a Check;
 past it the client gets ``status_on_error`` and the request never reaches the model.
 On a loaded machine the service can still finish that Check afterwards: the ledger
 took the reservation, the answer goes nowhere, and no ext_proc stream will ever settle
