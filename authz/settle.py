@@ -152,8 +152,13 @@ class ResponseTracker:
             self.outcome = self._reserved_outcome("aborted")
         elif self._sse is not None:
             self._sse.finish()
+            # The stream's final usage came: the response is complete as far as billing
+            # goes, only its last bytes ([DONE], the chunk terminator) were not seen.
+            # The openai SDK's sync stream closes right at ``data: [DONE]``, which races
+            # Envoy's end_of_stream: that is an ordinary, whole answer, settled as one.
+            complete = self._sse.usage is not None
             usage = usage_after_abort(self._sse, self.info.input_estimate)
-            self.outcome = self._bounded("aborted", usage)
+            self.outcome = self._bounded("settled" if complete else "aborted", usage)
         else:
             # Headers never came, or a JSON body was cut: the model may have worked in
             # full, so keep what was reserved for the output too.

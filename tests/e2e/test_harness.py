@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -500,22 +501,27 @@ def test_openai_stream_through_envoy(
     envoy: EnvoyProcess, fake_llm: FakeLLMThread, stub: StubAuthz
 ) -> None:
     seen = len(envoy.access_log())
+    # Read to the end of the body: the SDK's plain loop closes at [DONE], which races
+    # Envoy's end_of_stream to ext_proc (a busy machine lost it: "end=eof"). What this
+    # test checks is Envoy's STREAMED delivery of the whole body; how the service
+    # settles a stream closed at [DONE] is tests/unit/test_settle_extproc.py's.
     with (
         _openai(envoy.url) as client,
-        client.chat.completions.create(
+        client.chat.completions.with_streaming_response.create(
             model="gpt-test",
             messages=CHAT,
             stream=True,
             stream_options={"include_usage": True},
             # Spaced out: a burst arriving in one read reaches ext_proc as ONE body message.
             extra_headers={"x-fake-words": "12", "x-fake-chunk-delay-ms": "5"},
-        ) as stream,
+        ) as response,
     ):
-        chunks = list(stream)
+        raw = b"".join(response.iter_bytes())
+    events = [e for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
     [record] = fake_llm.wait_records(1)
-    usage = chunks[-1].usage
-    assert usage is not None and usage.completion_tokens == record.output_tokens == 12
-    assert record.completed and record.usage_reported
+    usage = json.loads(events[-1][len(b"data: ") :])["usage"]
+    assert usage["completion_tokens"] == record.output_tokens == 12
+    assert record.completed and record.usage_reported and raw.rstrip().endswith(b"data: [DONE]")
 
     ext_proc = _only_stream_closed(stub)
     assert ext_proc.end_of_stream and b"data: [DONE]" in ext_proc.response_body

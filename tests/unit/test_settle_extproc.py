@@ -85,6 +85,17 @@ def test_sse_complete_and_aborted() -> None:
     assert aborted.usage.input_tokens == 40 and 0 < aborted.usage.output_tokens < 500
 
 
+def test_stream_closed_after_its_usage_is_settled_not_aborted() -> None:
+    # The openai SDK's sync stream closes at [DONE]: Envoy may then never send
+    # end_of_stream. The usage chunk came before it: exact, and a whole answer.
+    raw = (BODIES / "openai_chat_stream.sse").read_bytes()
+    t = ResponseTracker(INFO)
+    t.on_headers(200, "text/event-stream", "")
+    assert t.on_body(raw[: raw.index(b"data: [DONE]")], False) is None
+    out = t.on_abort()
+    assert out.kind == "settled" and out.usage == TokenUsage(139, 1152, 12)
+
+
 def test_abort_before_headers_keeps_reservation() -> None:
     out = ResponseTracker(INFO).on_abort()
     assert out.usage == TokenUsage(40, 0, 500, exact=False)
