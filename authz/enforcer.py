@@ -23,6 +23,8 @@ from authz.answers import (
 )
 from authz.apis import Api, route
 from authz.clock import Clock
+from authz.confirm import confirm as confirm_hold
+from authz.confirm import tentative
 from authz.decision import Decision, DenyReason, Verdict
 from authz.errors import BodyError, IdentityError, LedgerUnavailable
 from authz.estimate import RequestEstimate, estimate_request
@@ -55,6 +57,9 @@ class CheckInput:
     body: bytes | None
     body_truncated: bool = False
     envoy_jwt_payload: Mapping[str, Any] | None = None
+    # The gateway confirms a hold when it uses the answer (Envoy's ext_proc stream,
+    # authz.confirm); until then the hold is tentative. False: it lives ttl_s at once.
+    confirmed_later: bool = False
 
 
 class Enforcer:
@@ -62,6 +67,7 @@ class Enforcer:
         self, store: PolicyStore, ledger: Ledger, clock: Clock, observer: Observer | None = None
     ) -> None:
         self._observer = observer  # told of every decision (audit, alerts); None: nobody
+        self.gateway_confirms = False  # set by the first confirmation (authz.confirm)
         self._store = store
         self._ledger = ledger
         self._clock = clock
@@ -188,8 +194,9 @@ class Enforcer:
             return deferred
         choices = estimate.choices if estimate is not None else 1
         return await self._reserve(
-            policy, subject, api, model, stream, tokens, identity.claims, choices
-        )
+            policy, subject, api, model, stream, tokens, identity.claims, choices,
+            tentative_hold=req.confirmed_later,
+        )  # fmt: skip
 
     async def _off_peak(self, policy: Policy, subject: SubjectPath, api: Api, model: str | None
                         ) -> Decision | None:  # fmt: skip
@@ -271,6 +278,8 @@ class Enforcer:
         tokens: TokenUsage,
         claims: Mapping[str, Any],
         choices: int = 1,
+        *,
+        tentative_hold: bool = False,
     ) -> Decision:
         allow = Decision(
             Verdict.ALLOW,
@@ -300,14 +309,19 @@ class Enforcer:
         refusal: Refusal | None = None
         want, cap = tokens, None  # lowered to what fits (authz.output_cap)
 
+        hold_s, first_charge = (
+            tentative(policy, self._ledger)
+            if tentative_hold and self.gateway_confirms
+            else (policy.reservations.ttl_s, None)
+        )
+
         async def reserve(amount: TokenUsage) -> Reservation | Refusal:
-            now, charge = self._clock.now(), expiry
+            now, charge = self._clock.now(), expiry if first_charge is None else first_charge
             if charge.output_tokens > amount.output_tokens:  # on_expiry: reserved
                 charge = amount
             return await self._ledger.reserve(
-                rid, limits, amount, deadline=now + policy.reservations.ttl_s,
-                expiry_charge=charge, model=label,
-            )  # fmt: skip
+                rid, limits, amount, deadline=now + hold_s, expiry_charge=charge, model=label
+            )
 
         async def attempt() -> tuple[Reservation | None, str, float]:
             nonlocal refusal
@@ -387,6 +401,15 @@ class Enforcer:
         notify = getattr(self._observer, "settlement_bounded", None)
         if notify is not None:
             notify(event)
+
+    async def confirm(self, reservation_id: str, input_estimate: int, output_reserved: int) -> bool:
+        """The gateway used this Check's answer (authz.confirm): hold it for ``ttl_s``.
+
+        From the first call on, this process's Checks make tentative holds: a gateway
+        with no ext_proc stream (which would never confirm) keeps full holds."""
+        self.gateway_confirms = True
+        return await confirm_hold(self.policy, self._ledger, self._clock, reservation_id,
+                                  input_estimate, output_reserved)  # fmt: skip
 
     async def release(self, reservation_id: str) -> bool:
         """The request never reached the model (local reply, upstream error): charge 0."""

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from bench.replicas_expect import Totals, check_totals, prompt_tokens
+from bench.replicas_expect import Totals, check_totals, held_units, prompt_tokens
 from tests.support.envoy_proc import EnvoyProcess, cluster, http_filter, render_envoy_config
 from tests.support.fake_llm import FakeLLM
 from tests.support.jwks_server import JwksServer
@@ -45,6 +45,7 @@ from tests.support.tokens import make_ec_key, make_rsa_key, mint
 
 __all__ = ["Options", "main", "run"]
 
+CONFIRM_S = 10.0  # the policy's reservations.confirm_s (the default)
 USER_UNITS = 4000  # per user and day: the heavy users run out
 CAP_ORG_UNITS = 15_000  # org "cap" (a tenth of the users) shares this: it runs out too
 POLICY = """
@@ -251,6 +252,13 @@ def _run(opts: Options, work: Path) -> Totals:
                     for k, v in envoy.stats().items()
                     if v and ("ext_proc" in k or "ext_authz" in k)
                 }
+            # A Check answer that reached Envoy after its timer (the client got a 503)
+            # is a tentative hold that no ext_proc stream confirms (authz.confirm): the
+            # replicas' sweep releases it at 0 once ``confirm_s`` (10 s) passed. Wait
+            # for that while they run; nothing held is the usual case, and ends it now.
+            until = time.monotonic() + CONFIRM_S + 5
+            while held_units(redis) and time.monotonic() < until:
+                time.sleep(0.2)
             codes = [svc.stop(grace=30.0) for svc in services]
         finally:
             for svc in services:

@@ -109,6 +109,19 @@ class Totals:
         return "\n".join(lines)
 
 
+def held_units(server: Any) -> int:
+    """Units still reserved or leased over every counter in Redis."""
+    client = redis_py.Redis.from_url(server.url)
+    try:
+        total = 0
+        for key in client.scan_iter(match="authz:*:c:*", count=1000):
+            r, lz = client.hmget(key, "r", "l")
+            total += int(r or 0) + int(lz or 0)
+        return total
+    finally:
+        client.close()
+
+
 def check_totals(server: Any, records: list[Any], users: int) -> Totals:
     """Every counter in Redis next to what the upstream's ``records`` say it must hold."""
     per_user: dict[str, int] = defaultdict(int)

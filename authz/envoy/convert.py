@@ -71,6 +71,7 @@ def check_input(req: authz_pb2.CheckRequest, payload_key: str) -> CheckInput:
         body=body,
         body_truncated=headers.get(_PARTIAL) == "true",
         envoy_jwt_payload=payload,
+        confirmed_later=True,  # by the ext_proc stream that follows (authz.confirm)
     )
 
 

@@ -117,6 +117,21 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         )
         return why
 
+    def _confirm_later(self, info: ReservationInfo) -> None:
+        """Keep the Check's tentative hold for ``ttl_s`` (authz.confirm), in a task so
+        the request is not held up; a settle may overtake it (then it is a no-op)."""
+        task = asyncio.get_running_loop().create_task(self._confirm(info))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _confirm(self, info: ReservationInfo) -> None:
+        try:
+            await self._enforcer.confirm(
+                info.reservation_id, info.input_estimate, info.output_reserved
+            )
+        except Exception:  # unconfirmed, the settle still corrects it as a late one
+            log.exception("confirmation of %s failed", info.reservation_id)
+
     def _settle_later(
         self, info: ReservationInfo, outcome: Outcome, department: str, span: Span | None
     ) -> None:
@@ -225,6 +240,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                     refused = isinstance(found, SettleRefusal)
                     info = None if isinstance(found, SettleRefusal) else found
                     if info is not None:
+                        self._confirm_later(info)  # Envoy used the Check's answer
                         subject, department = labels(req)
                         if self._tracing is not None and span is None:
                             span = self._start_span(context, req, info, subject)

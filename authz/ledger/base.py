@@ -109,6 +109,13 @@ class Ledger(Protocol):
         """Replace the reservation by the real usage. Idempotent: a second call counts 0."""
         ...
 
+    async def confirm(self, reservation_id: str, deadline: float, charge: TokenUsage) -> bool:
+        """The gateway used the Check's answer (:mod:`authz.confirm`): the open
+        reservation now lives until ``deadline`` (never shortened) and is charged
+        ``charge`` if it expires. False if not open (settled, expired, unknown) or if
+        this ledger does not confirm (its ``confirms`` attribute is False)."""
+        ...
+
     async def expire(self, now: float) -> int:
         """Charge and drop reservations past their deadline; return how many."""
         ...

@@ -181,6 +181,25 @@ class BreakerLedger:
             ok = await self._journal_entry(SettleEntry(reservation_id, actual))
             return SettleOutcome(settled=ok)
 
+    @property
+    def confirms(self) -> bool:
+        return bool(getattr(self.inner, "confirms", False))
+
+    async def confirm(self, reservation_id: str, deadline: float, charge: TokenUsage) -> bool:
+        """authz.confirm through the circuit. Unanswered, the store's hold expires at its
+        short first deadline (charged 0) and the settle that follows, journaled if need
+        be, corrects it as a late settle: exact, though that one hold was not kept."""
+        local = self._local.confirm(reservation_id, deadline, charge)
+        if local is not None:
+            return local
+        try:
+            return bool(await self._ask(
+                lambda: self.inner.confirm(reservation_id, deadline, charge),
+                self._slow_timeout,
+            ))  # fmt: skip
+        except NoAnswer:
+            return False
+
     async def charge(self, charge_id: str, limits: tuple[Limit, ...], actual: TokenUsage) -> bool:
         return await self._deliver(ChargeEntry(charge_id, limits, actual))
 

@@ -63,6 +63,8 @@ log = logging.getLogger("authz.ledger.lease")
 
 
 class LeasedLedger:
+    confirms = False  # holds on leases are flushed in batches: they live ttl_s at once
+
     def __init__(self, central: RedisLedger, clock: Clock, opts: LeaseOptions) -> None:
         self.central = central
         self.opts = opts
@@ -264,6 +266,9 @@ class LeasedLedger:
 
     async def charge(self, charge_id: str, limits: tuple[Limit, ...], actual: TokenUsage) -> bool:
         return await self.central.charge(charge_id, limits, actual)
+
+    async def confirm(self, reservation_id: str, deadline: float, charge: TokenUsage) -> bool:
+        return False  # ``confirms`` is False: the enforcer never makes tentative holds here
 
     async def expire(self, now: float) -> int:
         await self.flush()

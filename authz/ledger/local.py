@@ -92,12 +92,24 @@ class LocalAdmissions:
                     )
         return hold
 
+    def confirm(self, rid: str, deadline: float, expiry_charge: TokenUsage) -> bool | None:
+        """authz.confirm for a hold admitted here: True; None if ``rid`` is not a hold of
+        this process (it may be the store's), False if it was a local id no longer held."""
+        hold = self._holds.get(rid) or self._holds.get(LOCAL_PREFIX + rid)
+        if hold is None:
+            return False if rid.startswith(LOCAL_PREFIX) else None
+        hold.expiry_charge = expiry_charge
+        if deadline > hold.deadline:
+            hold.deadline = deadline
+            heapq.heappush(self._deadlines, (deadline, hold.id))  # the old entry is stale
+        return True
+
     def expired(self, now: float) -> list[Hold]:
         out = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, rid = heapq.heappop(self._deadlines)
             hold = self._holds.get(rid)
-            if hold is not None:
+            if hold is not None and hold.deadline <= now:
                 out.append(hold)
                 self.settle(rid, hold.expiry_charge)
         return out

@@ -87,6 +87,8 @@ class MemoryLedger:
     none), the ids only inform a write-behind store. Charge ids (journal replays) stay
     an hour: a replay can follow a long outage."""
 
+    confirms = True  # authz.confirm: a Check's hold waits for the gateway to use it
+
     def __init__(
         self,
         clock: Clock,
@@ -199,14 +201,28 @@ class MemoryLedger:
             return SettleOutcome(settled=True, late=True)
         return SettleOutcome(settled=False)
 
+    async def confirm(self, reservation_id: str, deadline: float, charge: TokenUsage) -> bool:
+        """The gateway used the Check's answer (authz.confirm): the hold lives until
+        ``deadline`` (never shortened) and is charged ``charge`` if it expires."""
+        res = self._open.get(reservation_id)
+        if res is None:
+            return False  # settled already, or expired (released) before the confirmation
+        res.expiry_charge = ledger_usage(charge)
+        if deadline > res.deadline:
+            res.deadline = deadline
+            heapq.heappush(self._deadlines, (deadline, reservation_id))  # the old one is stale
+        self._changed((), reservation_id)
+        return True
+
     async def expire(self, now: float) -> int:
         self._maintain()  # the sweep calls this every second: an idle ledger shrinks too
         count = 0
         while self._deadlines and self._deadlines[0][0] <= now:
             _, rid = heapq.heappop(self._deadlines)
-            res = self._open.pop(rid, None)
-            if res is None:
-                continue  # settled in time
+            res = self._open.get(rid)
+            if res is None or res.deadline > now:
+                continue  # settled in time, or confirmed: a later entry is in the heap
+            del self._open[rid]
             charged = tuple(lim.settled_units(res.expiry_charge) for lim in res.limits)
             for key, held, spent in zip(res.keys, res.units, charged, strict=True):
                 c = self._counters.get(key)

@@ -85,6 +85,8 @@ class SqliteLedger:
     """``open_ledger("sqlite:///...")``. Opening locks the file and loads it (raises
     :class:`authz.ledger.sqlite_file.LedgerLocked` if another process has it)."""
 
+    confirms = True  # authz.confirm: a Check's hold waits for the gateway to use it
+
     def __init__(self, opts: SqliteOptions, clock: Clock) -> None:
         self._clock = clock
         self._flush_s = opts.flush_s
@@ -134,6 +136,10 @@ class SqliteLedger:
     async def settle(self, reservation_id: str, actual: TokenUsage) -> SettleOutcome:
         self._start()
         return await self._mem.settle(reservation_id, actual)
+
+    async def confirm(self, reservation_id: str, deadline: float, charge: TokenUsage) -> bool:
+        self._start()
+        return await self._mem.confirm(reservation_id, deadline, charge)
 
     async def expire(self, now: float) -> int:
         self._start()

@@ -378,9 +378,10 @@ def _requests(r: _Reader, raw: Any) -> RequestPolicy:
 
 
 def _reservations(r: _Reader, raw: Any) -> ReservationPolicy:
-    m = r.mapping(raw, "reservations", {"ttl_s", "on_expiry"})
+    m = r.mapping(raw, "reservations", {"ttl_s", "on_expiry", "confirm_s"})
     return ReservationPolicy(
         ttl_s=r.number(m.get("ttl_s", 600), "reservations.ttl_s", 1),
+        confirm_s=r.number(m.get("confirm_s", 10), "reservations.confirm_s", 0),
         on_expiry=cast(
             Any,
             r.choice(

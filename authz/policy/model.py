@@ -208,6 +208,9 @@ class RequestPolicy:
 @dataclass(frozen=True, slots=True)
 class ReservationPolicy:
     ttl_s: float = 600.0
+    # A Check's hold lives this long until the gateway's ext_proc stream confirms it
+    # (authz.confirm); unconfirmed, it is released at 0. 0: holds live ttl_s at once.
+    confirm_s: float = 10.0
     on_expiry: Literal["input_estimate", "reserved"] = "input_estimate"
 
 

@@ -20,9 +20,15 @@ __all__ = ["LEDGERS", "ONE", "UNIT", "Factory", "lim", "tok"]
 Factory = Callable[[pytest.FixtureRequest, FakeClock], Ledger]
 
 
+# The contract is about what a ledger answers, not how fast: a busy machine made 200
+# concurrent calls miss the default 0.5 s call timeout ("unreachable") in stressed runs.
+_PATIENT = "&timeout=10&connect_timeout=10"
+
+
 def _redis(server_fixture: str, query: str) -> Factory:
     def make(request: pytest.FixtureRequest, clock: FakeClock) -> Ledger:
-        return open_ledger(request.getfixturevalue(server_fixture).url + query, clock)
+        url = request.getfixturevalue(server_fixture).url + query + _PATIENT
+        return open_ledger(url, clock)
 
     return make
 

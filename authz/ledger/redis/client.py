@@ -32,7 +32,7 @@ from authz.ledger.redis.config import RedisOptions
 __all__ = ["RedisClient", "load_lua"]
 
 log = logging.getLogger("authz.ledger.redis")
-SCRIPTS = ("reserve", "settle", "expire", "lease", "charge")
+SCRIPTS = ("reserve", "settle", "expire", "lease", "charge", "confirm")
 # RedisClusterException is not a RedisError (e.g. no node reachable to learn the slots).
 _ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 

@@ -56,6 +56,8 @@ def _tokens(t: TokenUsage) -> list[int]:
 
 
 class RedisLedger:
+    confirms = True  # authz.confirm: a Check's hold waits for the gateway to use it
+
     def __init__(
         self,
         opts: RedisOptions,
@@ -126,6 +128,16 @@ class RedisLedger:
     async def settle(self, reservation_id: str, actual: TokenUsage) -> SettleOutcome:
         code = await self.settle_code(reservation_id, actual)
         return SettleOutcome(settled=code in (1, 2), late=code == 2)
+
+    async def confirm(self, reservation_id: str, deadline: float, charge: TokenUsage) -> bool:
+        """See confirm.lua: the hold lives to ``deadline``, charged ``charge`` then."""
+        tag = await self.tag_of(reservation_id)
+        now = self._clock.now()
+        keep_ms = int((max(deadline - now, 0.0) + self.remember_ms / 1000 + 3600) * 1000)
+        keys = [self.keys.deadlines(tag), self.keys.record(tag, reservation_id)]
+        args = [self.keys.base(tag), reservation_id, now, deadline, self.remember_ms,
+                *_tokens(ledger_usage(charge)), keep_ms]  # fmt: skip
+        return int(await self.client.script("confirm", keys, args)) == 1
 
     async def index_rids(self, items: list[tuple[str, str, float]], now: float) -> None:
         """Remember the tag of ids that do not name their org: (id, tag, deadline)."""
