@@ -48,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls=tls,
         insecure_plaintext=args.insecure_plaintext,
         handle_key_file=args.handle_key_file,
+        grace_s=args.drain_timeout,
     )
     runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
@@ -122,6 +123,7 @@ def _supervise(args: argparse.Namespace) -> int:
                 cmd += ["--" + flag.replace("_", "-"), getattr(args, flag)]
         if args.insecure_plaintext:
             cmd.append("--insecure-plaintext")
+        cmd += ["--drain-timeout", str(args.drain_timeout)]
         commands.append(cmd)
     return supervise(commands)
 
@@ -216,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         " replica (e.g. a Kubernetes Secret). Default: shared through Redis for a redis://"
         " ledger, kept beside the file for a sqlite:// ledger, else random per process"
         " (docs/security.md)",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(os.environ.get("AUTHZ_DRAIN_TIMEOUT", "10")),
+        help="on SIGTERM, seconds to let Checks and ext_proc streams in flight end before"
+        " they are cut; a cut stream is settled by the abort rule (AUTHZ_DRAIN_TIMEOUT;"
+        " default 10). Keep the orchestrator's grace period above it",
     )
     s.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "info"))
     s.add_argument(

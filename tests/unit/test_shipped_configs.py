@@ -1,4 +1,4 @@
-"""What we ship for operators must load: the k8s ConfigMap's policy and the example."""
+"""What we ship for operators must load (k8s/ is checked in tests/deploy)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from authz.policy.loader import parse_policy
-
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parent.parent.parent
-
-
-def test_k8s_configmap_policy_is_valid() -> None:
-    docs = list(yaml.safe_load_all((ROOT / "k8s" / "authz.yaml").read_text()))
-    cm = next(d for d in docs if d["kind"] == "ConfigMap")
-    policy = parse_policy(yaml.safe_load(cm["data"]["policy.yaml"]), "k8s/authz.yaml#policy.yaml")
-    assert [b.name for b in policy.budgets] == ["org-monthly", "user-daily"]
-    deploy = next(d for d in docs if d["kind"] == "Deployment")
-    probe = deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
-    assert probe["httpGet"]["path"] == "/readyz"
 
 
 def test_envoy_yaml_points_both_filters_at_one_authz_cluster() -> None:

@@ -1,26 +1,26 @@
-"""The shipped k8s manifest keeps the ports private: gRPC over mTLS, admin off the Service."""
+"""The shipped k8s base keeps the ports private: gRPC and HTTP check over mTLS, admin only
+on the metrics Service (k8s/base, rendered by kubectl kustomize)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from tests.deploy.render import find, render
 
 pytestmark = pytest.mark.unit
-ROOT = Path(__file__).parent.parent.parent
 
 
-def k8s(kind: str) -> dict[str, Any]:
-    docs = yaml.safe_load_all((ROOT / "k8s" / "authz.yaml").read_text())
-    doc: dict[str, Any] = next(d for d in docs if d and d["kind"] == kind)
-    return doc
+def k8s(kind: str, name: str = "authz") -> dict[str, Any]:
+    return find(render("base"), kind, name)
 
 
 def test_service_exposes_grpc_only() -> None:
-    ports = k8s("Service")["spec"]["ports"]
-    assert [p["name"] for p in ports] == ["grpc"]
+    for name in ("authz", "authz-headless"):  # what gateways dial: never the admin port
+        ports = k8s("Service", name)["spec"]["ports"]
+        assert [p["name"] for p in ports] == ["grpc", "check-http"]
+    assert [p["port"] for p in k8s("Service", "authz-metrics")["spec"]["ports"]] == [9192]
 
 
 def test_grpc_uses_mtls_files_from_a_secret() -> None:

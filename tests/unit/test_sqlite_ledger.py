@@ -249,13 +249,15 @@ def test_an_unusable_file_is_one_clear_error(tmp_path: Path) -> None:
 def test_the_shipped_configs_default_to_the_persistent_ledger() -> None:
     import yaml
 
-    from authz.policy.loader import load_policy, parse_policy
+    from authz.policy.loader import load_policy
 
     default = "sqlite:///authz-state/ledger.db"
     assert load_policy(REPO_ROOT / "examples" / "policy.yaml").ledger_url == default
-    docs = list(yaml.safe_load_all((REPO_ROOT / "k8s" / "authz.yaml").read_text()))
-    cm = next(d for d in docs if d["kind"] == "ConfigMap")
-    assert parse_policy(yaml.safe_load(cm["data"]["policy.yaml"]), "k8s").ledger_url == default
+    from tests.deploy.render import render
+
+    docs = render("base")  # k8s/base, rendered by kubectl kustomize
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "authz-policy")
+    assert yaml.safe_load(cm["data"]["policy.yaml"])["ledger"]["url"] == default  # the example
     deploy = next(d for d in docs if d["kind"] == "Deployment")
     # One pod per file: one replica, and never two during a rollout.
     assert deploy["spec"]["replicas"] == 1
