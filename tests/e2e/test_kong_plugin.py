@@ -5,6 +5,7 @@ stream, a client that leaves, and the service down (fail closed, fail open)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +13,8 @@ import httpx
 import openai
 import pytest
 
+from authz.apis import Api
+from authz.estimate import estimate_request
 from tests.e2e.spine_env import metric, token, wait_metric, write_policy
 from tests.support.clients import closing
 from tests.support.fake_llm import FakeLLMThread
@@ -110,12 +113,16 @@ def test_allowed_then_denied_then_settled_exactly(
             allowed += 1
     # The ledger holds what the upstream reported, request by request: 105 each.
     assert tokens(service, "kongorg", "input") == 100 * allowed
-    assert allowed == 9  # 1000 tokens; 9 x 105 = 945 used, and 55 left is not enough
+    # 1000 tokens, 105 settled per request; a check needs its estimate + 50 free.
+    need, left, expected = estimate_request(Api.OPENAI_CHAT, json.dumps(CHAT).encode()), 1000, 0
+    while left >= need.input_tokens + 50:
+        left, expected = left - 105, expected + 1
+    assert allowed == expected
     body = err.value.body
     assert isinstance(body, dict)
     assert body["type"] == "insufficient_quota" and body["code"] == "insufficient_quota"
     assert "user-daily" in body["message"]
-    assert err.value.response.headers["x-ratelimit-remaining-tokens"] == "55"
+    assert err.value.response.headers["x-ratelimit-remaining-tokens"] == str(left)
     assert 0 < int(err.value.response.headers["retry-after"]) <= 86400
     records = fake_llm.wait_records(allowed)
     assert len(records) == allowed  # the denied request never reached the upstream

@@ -7,12 +7,15 @@ Needs the Debian packages ``scripts/apt-deps`` installs; without them these fail
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support.kong_nginx import lua_tools
+from tests.support.procs import HarnessError
 
 pytestmark = pytest.mark.unit
 
@@ -56,3 +59,23 @@ def test_plugin_version_is_the_rock_version() -> None:
         f"plugins/token-budget/{p.name}" for p in (KONG / "plugins/token-budget").glob("*.lua")
     }
     assert modules == on_disk, "the rockspec lists every module of the plugin"
+
+
+def schema_fields() -> set[str]:
+    schema = (KONG / "plugins" / "token-budget" / "schema.lua").read_text()
+    return set(re.findall(r"^\s*(?:fields\[#fields \+ 1\] = )?\{ (\w+) = ", schema, re.M))
+
+
+def test_kong_yml_is_valid_for_deck_and_the_plugin_schema() -> None:
+    deck = shutil.which("deck")
+    if deck is None:
+        raise HarnessError("deck is missing: run scripts/apt-deps as root")
+    done = run([deck, "validate", "-s", "kong.yml"], KONG)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # decK checks the file's structure, not a plugin's config: hold that to schema.lua.
+    doc = yaml.safe_load((KONG / "kong.yml").read_text())
+    (plugin,) = [p for s in doc["services"] for p in s["plugins"] if p["name"] == "token-budget"]
+    fields = schema_fields()
+    assert {"service_url", "fail_open", "max_settle_body", "client_cert", "queue"} <= fields
+    assert set(plugin["config"]) <= fields, set(plugin["config"]) - fields
+    assert all(r["response_buffering"] is False for s in doc["services"] for r in s["routes"])
