@@ -48,6 +48,7 @@ function _M.request(conf, method, path, headers, body)
     headers = headers,
     body = body,
     ssl_verify = conf.ssl_verify,
+    ssl_server_name = conf.ssl_server_name,
     ssl_client_cert = pair and pair.cert,
     ssl_client_priv_key = pair and pair.key,
     keepalive_timeout = conf.keepalive_timeout,

@@ -27,6 +27,9 @@ local fields = {
   { max_settle_body = { type = "integer", required = true, default = 4 * MIB,
                         between = { 1024, 64 * MIB } } },
   { ssl_verify = { type = "boolean", required = true, default = true } },
+  -- The name the service's certificate is checked against (and sent as SNI); default:
+  -- the host of service_url. Set it when that host is an IP address.
+  { ssl_server_name = typedefs.host { required = false } },
   -- mTLS to the service: a client certificate from the CA given to the service as
   -- --tls-client-ca (that CA must sign only gateways).
   { client_cert = typedefs.certificate { required = false, referenceable = true } },

@@ -181,11 +181,13 @@ describe("token-budget handler", function()
   it("presents the client certificate to the service", function()
     local handler, rec = load()
     handler:access(fake.config({ client_cert = "CERT", client_key = "KEY",
-                                 service_url = "https://authz:9193/" }))
+                                 service_url = "https://authz:9193/",
+                                 ssl_server_name = "authz.internal" }))
     local params = rec.calls[1].params
     assert.equals("https://authz:9193/check/v1/chat/completions", rec.calls[1].uri)
     assert.same({ cert = "CERT" }, params.ssl_client_cert)
     assert.same({ key = "KEY" }, params.ssl_client_priv_key)
     assert.is_true(params.ssl_verify)
+    assert.equals("authz.internal", params.ssl_server_name)
   end)
 end)

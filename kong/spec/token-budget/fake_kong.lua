@@ -25,6 +25,7 @@ end
 
 M.typedefs = {
   url = typedef({ type = "string" }),
+  host = typedef({ type = "string" }),
   timeout = typedef({ type = "integer", between = { 0, 2 ^ 31 - 2 } }),
   protocols_http = typedef({ type = "set", default = { "http", "https" } }),
   certificate = typedef({ type = "string" }),

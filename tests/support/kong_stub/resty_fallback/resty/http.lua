@@ -83,7 +83,7 @@ function _M:request_uri(uri, params)
       ok, err = sock:setclientcert(params.ssl_client_cert, params.ssl_client_priv_key)
       if not ok then return nil, err end
     end
-    ok, err = sock:sslhandshake(nil, host, params.ssl_verify ~= false)
+    ok, err = sock:sslhandshake(nil, params.ssl_server_name or host, params.ssl_verify ~= false)
     if not ok then
       sock:close()
       return nil, err

@@ -13,6 +13,7 @@ end
 
 return {
   url = typedef({ type = "string" }),
+  host = typedef({ type = "string" }),
   timeout = typedef({ type = "integer" }),
   protocols_http = typedef({ type = "set", default = { "http", "https" } }),
   certificate = typedef({ type = "string" }),
