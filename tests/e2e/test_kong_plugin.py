@@ -160,6 +160,24 @@ def test_stream_passes_unbuffered_and_settles_exactly(
     assert fake_llm.wait_records(1)[0].completed
 
 
+def test_stream_bytes_reach_the_client_unchanged(
+    gw: KongNginx, rsa: SigningKey, fake_llm: FakeLLMThread
+) -> None:
+    # The same answer (same id, same timestamp) straight from the upstream and through
+    # Kong, written in small pieces so chunks cut across SSE events: byte for byte equal.
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    same = {"x-fake-id": "chatcmpl-same", "x-fake-created": "1700000000",
+            "x-fake-words": "20", "x-fake-split-bytes": "7", "accept-encoding": "identity"}
+    auth = {"authorization": "Bearer " + token(rsa, "kong-bytes", "kongbytes")}
+    with httpx.Client(timeout=20) as http:
+        direct = http.post(f"http://127.0.0.1:{fake_llm.port}/v1/chat/completions",
+                           json=body, headers=same)  # fmt: skip
+        through = http.post(gw.url + "/v1/chat/completions", json=body, headers=same | auth)
+    assert through.status_code == 200, through.text
+    assert through.headers["content-type"].startswith("text/event-stream")
+    assert through.content == direct.content
+
+
 def test_client_abort_is_settled_by_the_abort_rule(
     gw: KongNginx, service: AuthzService, rsa: SigningKey, fake_llm: FakeLLMThread
 ) -> None:
