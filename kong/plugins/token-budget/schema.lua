@@ -22,9 +22,10 @@ local fields = {
   { send_body = { type = "boolean", required = true, default = true } },
   { max_body_size = { type = "integer", required = true, default = MIB,
                       between = { 1024, 64 * MIB } } },
-  -- The most of a response copied for its settlement; a longer one is settled from
-  -- a truncated copy (x-authz-truncated: true), as ext_proc does past its limit.
-  { max_settle_body = { type = "integer", required = true, default = 4 * MIB,
+  -- The most of a response copied for its settlement (the service reads 16 MiB,
+  -- bounds.response_decoded_bytes); a longer one is sent as a truncated copy
+  -- (x-authz-truncated: true) and charged its reservation, as ext_proc past its limit.
+  { max_settle_body = { type = "integer", required = true, default = 16 * MIB,
                         between = { 1024, 64 * MIB } } },
   { ssl_verify = { type = "boolean", required = true, default = true } },
   -- The name the service's certificate is checked against (and sent as SNI); default:

@@ -90,8 +90,18 @@ function _M:request_uri(uri, params)
     end
   end
   local body = params.body or ""
-  local lines = { (params.method or "GET") .. " " .. path .. " HTTP/1.1",
-                  "Host: " .. host .. ":" .. port, "User-Agent: lua-resty-http-stand-in" }
+  local lines = { (params.method or "GET") .. " " .. path .. " HTTP/1.1" }
+  -- As lua-resty-http: Host and User-Agent only when the caller set none.
+  local given = {}
+  for name in pairs(params.headers or {}) do
+    given[lower(name)] = true
+  end
+  if not given.host then
+    lines[#lines + 1] = "Host: " .. host .. ":" .. port
+  end
+  if not given["user-agent"] then
+    lines[#lines + 1] = "User-Agent: lua-resty-http-stand-in"
+  end
   for name, value in pairs(params.headers or {}) do
     if type(value) == "table" then
       for _, v in ipairs(value) do lines[#lines + 1] = name .. ": " .. v end
