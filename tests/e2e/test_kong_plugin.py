@@ -16,6 +16,7 @@ import pytest
 from authz.apis import Api
 from authz.estimate import estimate_request
 from tests.e2e.spine_env import metric, token, wait_metric, write_policy
+from tests.support.certs import TestCA
 from tests.support.clients import closing
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.jwks_server import JwksServer
@@ -258,3 +259,48 @@ def test_request_body_spilled_to_disk_still_reaches_the_check(
     assert resp.status_code == 429, resp.text
     assert resp.json()["error"]["code"] == "insufficient_quota"
     assert fake_llm.records == []
+
+
+@pytest.mark.hostile
+def test_mtls_to_the_service_and_a_stranger_certificate_refused(
+    tmp_path_factory: pytest.TempPathFactory,
+    jwks: JwksServer,
+    fake_llm: FakeLLMThread,
+    rsa: SigningKey,
+) -> None:
+    # The check port takes the gRPC port's mTLS: the plugin presents a gateway
+    # certificate from the service's client CA; one from another CA gets no answer,
+    # and the plugin fails closed.
+    pki = tmp_path_factory.mktemp("pki")
+    ca = TestCA("kong-test-ca")
+    ca.issue("authz", server=True).write(pki, "server")
+    ca_file = ca.write(pki / "ca.crt")
+    tls = ["--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
+           "--tls-client-ca", str(ca_file)]  # fmt: skip
+    workdir = tmp_path_factory.mktemp("authz-mtls")
+    policy = write_policy(workdir / "policy.yaml", jwks.url, burst_tokens=100_000)
+    with AuthzService(policy, workdir=workdir, extra_args=tls) as svc:
+        https = svc.check_http_url.replace("http://", "https://")
+        for who, issued in (("gateway", ca.issue("kong-gateway")),
+                            ("stranger", TestCA("mallory-ca").issue("kong-gateway"))):  # fmt: skip
+            config = {"service_url": https, "ssl_server_name": "authz",
+                      "client_cert": issued.cert_pem.decode(),
+                      "client_key": issued.key_pem.decode()}  # fmt: skip
+            gw = start_kong(tmp_path_factory, fake_llm, config=config, trusted_ca=ca_file)
+            try:
+                client = oai(gw.url + "/v1", token(rsa, f"kong-{who}", f"kongtls{who}"),
+                             **{"x-fake-prompt-tokens": "13", "x-fake-words": "4"})  # fmt: skip
+                if who == "gateway":
+                    resp = client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+                    assert resp.usage.total_tokens == 17
+                    assert wait_metric(svc.http_url, "authz_tokens_total", 4,
+                                       org="kongtlsgateway", kind="output") == 4  # fmt: skip
+                    assert metric(svc.http_url, "authz_tokens_total",
+                                  org="kongtlsgateway", kind="input") == 13  # fmt: skip
+                else:
+                    with pytest.raises(openai.InternalServerError) as err:
+                        client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+                    assert err.value.status_code == 503
+                    assert len(fake_llm.records) == 1  # only the gateway's request went up
+            finally:
+                gw.stop()
