@@ -61,6 +61,19 @@ def test_plugin_version_is_the_rock_version() -> None:
     assert modules == on_disk, "the rockspec lists every module of the plugin"
 
 
+def test_rockspec_installs_every_module(tmp_path: Path) -> None:
+    luarocks = shutil.which("luarocks")
+    if luarocks is None:
+        raise HarnessError("luarocks is missing: run scripts/apt-deps as root")
+    rock = next(KONG.glob("kong-plugin-token-budget-*.rockspec")).name
+    lint = run([luarocks, "lint", rock], KONG)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    made = run([luarocks, "make", "--tree", str(tmp_path), rock], KONG)
+    assert made.returncode == 0, made.stdout + made.stderr
+    installed = {p.name for p in tmp_path.glob("share/lua/5.1/kong/plugins/token-budget/*.lua")}
+    assert installed == {p.name for p in (KONG / "plugins/token-budget").glob("*.lua")}
+
+
 def schema_fields() -> set[str]:
     schema = (KONG / "plugins" / "token-budget" / "schema.lua").read_text()
     return set(re.findall(r"^\s*(?:fields\[#fields \+ 1\] = )?\{ (\w+) = ", schema, re.M))
