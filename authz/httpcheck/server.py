@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from dataclasses import replace
 from typing import Any, cast
 
@@ -49,6 +50,7 @@ log = logging.getLogger("authz.httpcheck")
 BODY_TIMEOUT_S = 30.0
 KEEPALIVE_S = 75.0
 _FIELD = 16 * 1024
+_EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
 
 
 class _Gone(Exception):
@@ -56,15 +58,28 @@ class _Gone(Exception):
 
 
 class _Context:
-    """What the gRPC servicer asks of its call context, for an HTTP request."""
+    """What the gRPC servicer asks of its call context, for an HTTP request.
+
+    Envoy's http_service client says how long it waits (``x-envoy-expected-rq-timeout-ms``,
+    its ``server_uri.timeout``): that is the call's deadline, as a gRPC deadline is, so
+    an answer decided too close to it is released and answered 504 (a 5xx: Envoy then
+    answers its ``status_on_error``, as for its own timeout). Without the header (Kong)
+    there is no deadline; a caller that closed its connection is "no time left".
+    """
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
+        self._deadline: float | None = None
+        raw = request.headers.get(_EXPECTED_TIMEOUT, "")
+        if raw.isascii() and raw.isdigit() and 0 < len(raw) <= 7:
+            self._deadline = time.monotonic() + int(raw) / 1000
 
     def time_remaining(self) -> float | None:
-        # Unanswered reads 0 as "too late to answer": release and abort.
+        # Unanswered reads less than its margin as "too late to answer": release, abort.
         transport = self._request.transport
-        return 0.0 if transport is None or transport.is_closing() else None
+        if transport is None or transport.is_closing():
+            return 0.0
+        return None if self._deadline is None else self._deadline - time.monotonic()
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Gone(details)
@@ -115,8 +130,8 @@ class CheckHttpServer:
         msg = check_request(request.method, path, request.headers.items(), body)
         try:
             resp = await self._checks.Check(msg, cast(Any, _Context(request)))
-        except _Gone:
-            return web.Response(status=499)  # nobody reads it; the reservation is released
+        except _Gone:  # gone, or too late: the reservation is released (Unanswered)
+            return _text(504, "decided too late: the gateway no longer waits")
         status, headers, payload = http_answer(resp)
         answer = web.Response(status=status, body=payload or None)
         for key, value in headers:

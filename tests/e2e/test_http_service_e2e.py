@@ -9,14 +9,17 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
+import yaml
 
 from tests.e2e.http_service_env import HTTP_SERVICE_YAML, render_http_service
 from tests.e2e.spine_env import metric, token, wait_metric
+from tests.support.certs import TestCA
 from tests.support.clients import closing
-from tests.support.envoy_proc import EnvoyProcess, envoy_binary
+from tests.support.envoy_proc import EnvoyProcess, cluster, envoy_binary
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.jwks_server import JwksServer
 from tests.support.service import AuthzService
@@ -143,7 +146,34 @@ def test_unauthenticated_is_a_401_with_the_error_body(gateway: Gateway) -> None:
     assert fake.records == []
 
 
-def test_bootstrap_validates() -> None:
-    out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(HTTP_SERVICE_YAML)],
+def _uncommented_tls(lines: list[str]) -> dict[str, object]:
+    """The transport_socket the authz_http cluster ships commented out."""
+    first = lines.index("    # transport_socket:", lines.index("  - name: authz_http"))
+    block = []
+    for line in lines[first:]:
+        if not line.startswith("    #"):
+            break
+        block.append(line.removeprefix("    # "))
+    doc: dict[str, object] = yaml.safe_load("\n".join(block))["transport_socket"]
+    return doc
+
+
+@pytest.mark.parametrize("mtls", [False, True], ids=["plain", "mtls"])
+def test_bootstrap_validates(tmp_path: Path, mtls: bool) -> None:
+    path = HTTP_SERVICE_YAML
+    if mtls:  # the block operators are told to uncomment, with real files
+        ca = TestCA()
+        ca.write(tmp_path / "ca.crt")
+        cert, key = ca.issue("gateway").write(tmp_path, "gateway")
+        cfg = yaml.safe_load(path.read_text())
+        socket = _uncommented_tls(path.read_text().splitlines())
+        tls = socket["typed_config"]["common_tls_context"]  # type: ignore[index]
+        tls["tls_certificates"][0]["certificate_chain"]["filename"] = str(cert)
+        tls["tls_certificates"][0]["private_key"]["filename"] = str(key)
+        tls["validation_context"]["trusted_ca"]["filename"] = str(tmp_path / "ca.crt")
+        cluster(cfg, "authz_http")["transport_socket"] = socket
+        path = tmp_path / "envoy.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]

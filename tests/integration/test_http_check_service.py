@@ -271,6 +271,18 @@ async def test_a_caller_that_leaves_mid_check_gets_its_reservation_released(
         await c.post("/settle", content=b"", headers=release)
 
 
+def test_an_answer_past_the_gateways_deadline_is_released(svc: AuthzService) -> None:
+    # Envoy's http_service client says how long it waits; a decision with (nearly) none of
+    # that left is answered 504 and released, as a gRPC answer past its deadline is.
+    for _ in range(4):  # 4 reservations held would be twice the team's 30 tokens
+        late = http_check(svc, "small", **{"x-envoy-expected-rq-timeout-ms": "1"})
+        assert late.status_code == 504
+    # Releases run just after the answer: the budget is whole again at once or shortly.
+    ok = wait_until(lambda: (r := http_check(svc, "small")).status_code == 200 and r,
+                    timeout=10, what="the small team's budget released")  # fmt: skip
+    assert ok and int(ok.headers["x-ratelimit-remaining-tokens"]) >= 30 - 2 * 15
+
+
 def test_oversized_check_body_is_a_truncated_body(svc: AuthzService) -> None:
     big = json.dumps({**BODY, "messages": [{"role": "user", "content": "x" * (1 << 21)}]})
     by_http = http_check(svc, "http", big.encode())
