@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         config=args.config,
         grpc_address=args.grpc_address,
         http_address=args.http_address,
+        check_http_address=args.check_http_address,
         ledger_url=args.ledger,
         reuse_port=args.worker_index is not None,
         state_dir=args.state_dir,
@@ -110,6 +111,7 @@ def _supervise(args: argparse.Namespace) -> int:
             "--config", args.config,
             "--grpc-address", args.grpc_address,
             "--http-address", admin_address(args.http_address, i),
+            "--check-http-address", args.check_http_address,
             "--log-level", args.log_level,
             "--worker-index", str(i),
             "--state-dir", state_dir,
@@ -174,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("AUTHZ_HTTP_ADDRESS", "127.0.0.1:9192"),
         help="admin HTTP: /healthz, /readyz, /metrics, no credential (AUTHZ_HTTP_ADDRESS;"
         " default 127.0.0.1:9192). Never expose it beyond the cluster network",
+    )
+    s.add_argument(
+        "--check-http-address",
+        default=os.environ.get("AUTHZ_CHECK_HTTP_ADDRESS", "127.0.0.1:9193"),
+        help="the HTTP check API for Kong and Envoy's http_service mode: /check/<path>,"
+        " POST /settle (AUTHZ_CHECK_HTTP_ADDRESS; default 127.0.0.1:9193; empty: off)."
+        " The gRPC port's rules: off loopback it needs mTLS (--tls-*) or"
+        " --insecure-plaintext. With --workers N the workers share it (docs/http-api.md)",
     )
     s.add_argument(
         "--tls-cert",

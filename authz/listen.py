@@ -72,24 +72,28 @@ def jwt_authn_guard(policy_file: str, *, mtls: bool) -> Callable[[Policy], None]
     return check
 
 
-def check_transport(grpc_address: str, *, mtls: bool, insecure_plaintext: bool) -> None:
-    """Refuse plaintext gRPC off loopback unless asked for; warn when it is."""
+def check_transport(
+    grpc_address: str, *, mtls: bool, insecure_plaintext: bool, what: str = "gRPC"
+) -> None:
+    """Refuse plaintext ``what`` (gRPC, or the HTTP check port, which follows the same
+    rules) off loopback unless asked for; warn when it is."""
     if mtls and insecure_plaintext:
         raise AuthzError("--insecure-plaintext and --tls-* contradict each other: pick one")
     if mtls or is_local(grpc_address):
         return
     if not insecure_plaintext:
         raise AuthzError(
-            f"refusing plaintext gRPC on {grpc_address} (not loopback): anyone who reaches"
+            f"refusing plaintext {what} on {grpc_address} (not loopback): anyone who reaches"
             " it could spend or settle any budget. Give --tls-cert, --tls-key and"
             " --tls-client-ca, or --insecure-plaintext (AUTHZ_INSECURE_PLAINTEXT=1) if the"
             " network itself only lets the gateway in"
         )
     log.warning(
-        "plaintext gRPC on %s without mTLS (--insecure-plaintext): any caller that reaches"
+        "plaintext %s on %s without mTLS (--insecure-plaintext): any caller that reaches"
         " this address can decide and settle budgets",
+        what,
         grpc_address,
-        extra={"grpc": grpc_address},
+        extra={"grpc" if what == "gRPC" else "check_http": grpc_address},
     )
 
 

@@ -1,8 +1,9 @@
 """Wiring, start-up and graceful stop of ``authz serve``.
 
 One gRPC port serves ext_authz, ext_proc, gRPC health and reflection; one HTTP port
-serves the admin endpoints. SIGHUP reloads the policy; SIGTERM stops taking checks,
-lets in-flight RPCs finish, settles what is pending, then exits.
+serves the admin endpoints; another the HTTP check API (authz/httpcheck). SIGHUP
+reloads the policy; SIGTERM stops taking checks, lets in-flight RPCs and HTTP checks
+finish, settles what is pending, then exits.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from authz.envoy.authz import AuthorizationServicer
 from authz.envoy.extproc import ExternalProcessorServicer
 from authz.errors import AuthzError, PolicyError
 from authz.handle_keys import REFRESH_S, open_handle_keys
+from authz.httpcheck import CheckHttpServer
+from authz.httpcheck.tls import ReloadingContext
 from authz.ledger import Ledger, MemoryLedger, open_ledger
 from authz.ledger.breaker import BreakerLedger
 from authz.ledger.journal import Journal
@@ -52,6 +55,9 @@ class ServeOptions:
     # budgets (the rules are in authz/listen.py).
     grpc_address: str = "127.0.0.1:9191"
     http_address: str = "127.0.0.1:9192"
+    # The HTTP check API (Kong, Envoy's http_service mode; authz/httpcheck): the gRPC
+    # port's trust rules and TLS files. "" turns it off.
+    check_http_address: str = "127.0.0.1:9193"
     tls: TlsFiles | None = None  # mTLS on the gRPC port, client certificate required
     insecure_plaintext: bool = False  # allow plaintext gRPC on a non-loopback address
     ledger_url: str | None = None
@@ -100,11 +106,17 @@ async def serve(opts: ServeOptions) -> None:
     # Who may call the gRPC port: refused here, before anything opens or binds.
     mtls = opts.tls is not None
     check_transport(opts.grpc_address, mtls=mtls, insecure_plaintext=opts.insecure_plaintext)
+    if opts.check_http_address:
+        check_transport(opts.check_http_address, mtls=mtls,
+                        insecure_plaintext=opts.insecure_plaintext, what="HTTP check")  # fmt: skip
     store.guard(jwt_authn_guard(str(store.path), mtls=mtls))
     tls = ReloadingCredentials(opts.tls) if opts.tls is not None else None
     if not opts.reuse_port:  # --workers: the other workers hold the gRPC port on purpose
         ensure_free(opts.grpc_address, "gRPC")
     ensure_free(opts.http_address, "admin HTTP")
+    if opts.check_http_address and not opts.reuse_port:
+        ensure_free(opts.check_http_address, "HTTP check")
+    check_tls = ReloadingContext(opts.tls) if opts.tls and opts.check_http_address else None
     clock = SystemClock()
     metrics = Metrics()
     ledger_url = opts.ledger_url or store.current.ledger_url
@@ -151,6 +163,7 @@ async def serve(opts: ServeOptions) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(checks, server)
     extproc = ExternalProcessorServicer(enforcer, metrics, obs.tracing, handles=handles)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(extproc, server)
+    check_http = CheckHttpServer(store, checks, extproc, handles, metrics, check_tls, opts.grace_s)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -196,6 +209,8 @@ async def serve(opts: ServeOptions) -> None:
     # Admin first: a worker that cannot bind its admin port (--workers: the port + i)
     # must fail before it takes a single connection on the shared gRPC port.
     await admin.start(*_split(opts.http_address))
+    if opts.check_http_address:
+        await check_http.start(*_split(opts.check_http_address), reuse_port=opts.reuse_port)
     await server.start()
     for name in (
         "",
@@ -218,6 +233,7 @@ async def serve(opts: ServeOptions) -> None:
             "grpc": opts.grpc_address,
             "grpc_tls": "mtls" if tls is not None else "plaintext",
             "http": opts.http_address,
+            "check_http": opts.check_http_address or "off",
             "policy": opts.config,
             "ledger": type(inner).__name__,
             "breaker_mode": store.current.breaker.mode if breaker else "none (embedded)",
@@ -229,7 +245,8 @@ async def serve(opts: ServeOptions) -> None:
     log.info("stopping: no new checks, finishing in-flight requests")
     readiness.serving = False
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(opts.grace_s)  # refuses new RPCs, waits for running ones
+    # Both check ports refuse new requests, then wait for the running ones.
+    await asyncio.gather(server.stop(opts.grace_s), check_http.stop())
     await checks.unanswered.drain()  # releases of answers Envoy never got
     await extproc.drain()
     for t in tasks:

@@ -165,6 +165,13 @@ class ResponseTracker:
             self.outcome = Outcome("aborted", self._reserved())
         return self.outcome
 
+    def copy_truncated(self) -> Outcome:
+        """The gateway's copy of the body stopped short (at its copy limit, the HTTP
+        settle endpoint's ``x-authz-truncated``): what came after the cut, the usage
+        included, was never seen. Charged like a body too big to decode: the reservation."""
+        self._refuse("copy_truncated", "")
+        return self.on_abort()
+
     # -- inside ---------------------------------------------------------------------------
     def _pieces(self, chunk: bytes) -> Iterator[bytes]:
         if self._refused is not None or not chunk:

@@ -110,7 +110,9 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             "settlement refused: the reservation handle does not verify",
             extra={
                 "reason": why.value,
-                "reservation": ns["reservation_id"].string_value[:80],
+                "reservation": ns["reservation_id"].string_value[:80]
+                if "reservation_id" in ns
+                else "",
                 "org": ns["org"].string_value[:80] if "org" in ns else "",
                 "peer": context.peer() if context is not None else "",
             },
@@ -149,9 +151,16 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         with trace.use_span(span, end_on_exit=True, record_exception=False):
             await self._settle_now(info, outcome, department, span)
 
+    async def settle_outcome(
+        self, info: ReservationInfo, outcome: Outcome, department: str = ""
+    ) -> bool:
+        """Settle now, as a stream does: the HTTP settle endpoint's way in
+        (authz/httpcheck). False if the settlement failed (logged and counted)."""
+        return await self._settle_now(info, outcome, department, None)
+
     async def _settle_now(
         self, info: ReservationInfo, outcome: Outcome, department: str, span: Span | None
-    ) -> None:
+    ) -> bool:
         start = time.perf_counter()
         try:
             outcome = await outcome.resolved()  # a big JSON body is parsed by now
@@ -181,6 +190,8 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             self._metrics.settled("failed")
             if span is not None:
                 Tracing.failed(span, exc)
+            return False
+        return True
 
     async def _request_body(
         self, req: pb.ProcessingRequest, info: ReservationInfo | None, changes: RequestChanges

@@ -2,7 +2,9 @@
 
 Envoy forwards the ext_authz namespace on every ext_proc message; anyone who reaches
 the gRPC port can forge it, so the handle read here is only a claim until the servicer
-verifies its MAC (:mod:`authz.handles`).
+verifies its MAC (:mod:`authz.handles`). With ext_authz in ``http_service`` mode the
+handle arrives as one field, ``x-authz-handle`` (``dynamic_metadata_from_headers``;
+:mod:`authz.handle_token`), instead of the gRPC answer's separate fields.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from authz.apis import Api
+from authz.handle_token import HANDLE_HEADER, decode_token
 from authz.handles import MAC_FIELD, Handle, SettleRefusal
 from authz.settle import ReservationInfo
 
@@ -31,9 +34,13 @@ def reservation(req: pb.ProcessingRequest) -> tuple[Handle, str] | SettleRefusal
     """The handle ext_authz put in the metadata and its MAC, unverified; or None if
     there is no reservation (a local reply, an unbudgeted request)."""
     ns = req.metadata_context.filter_metadata.get(AUTHZ_NS)
-    if ns is None or "reservation_id" not in ns.fields:
+    if ns is None:
         return None
     f = ns.fields
+    if "reservation_id" not in f:
+        if HANDLE_HEADER in f:  # ext_authz http_service: the whole handle in one string
+            return decode_token(f[HANDLE_HEADER].string_value)
+        return None
     try:
         handle = Handle(
             reservation_id=f["reservation_id"].string_value,
@@ -76,9 +83,17 @@ def reservation_info(h: Handle) -> ReservationInfo:
 def labels(req: pb.ProcessingRequest) -> tuple[str, str]:
     """(subject path, department) from what ext_authz decided, for spans and metrics."""
     ns = req.metadata_context.filter_metadata.get(AUTHZ_NS)
-    if ns is None or "subject" not in ns.fields:
+    if ns is None:
         return "", ""
-    subject = ns.fields["subject"].string_value
+    if "subject" in ns.fields:
+        subject = ns.fields["subject"].string_value
+    elif HANDLE_HEADER in ns.fields:  # http_service: the subject is inside the handle
+        found = decode_token(ns.fields[HANDLE_HEADER].string_value)
+        if isinstance(found, SettleRefusal):
+            return "", ""
+        subject = found[0].subject
+    else:
+        return "", ""
     for part in subject.split("/"):
         if part.startswith("department:"):
             return subject, part[len("department:") :]

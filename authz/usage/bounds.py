@@ -36,7 +36,7 @@ LEDGER_MAX_TOKENS = 10**9
 class SettlementBound:
     """A settlement that did not charge what the upstream said (log, metric, audit)."""
 
-    reason: str  # usage_above_bound | decoded_too_large | encoding_unsupported
+    reason: str  # usage_above_bound | decoded_too_large | encoding_unsupported | copy_truncated
     reservation_id: str
     org: str
     model: str

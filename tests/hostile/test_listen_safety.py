@@ -57,7 +57,8 @@ def serve(tmp: Path, policy: str, *args: str) -> subprocess.CompletedProcess[str
     path.write_text(policy)
     cmd = [sys.executable, "-m", "authz", "serve", "--config", str(path),
            "--grpc-address", f"127.0.0.1:{free_port()}",
-           "--http-address", f"127.0.0.1:{free_port()}", *args]  # fmt: skip
+           "--http-address", f"127.0.0.1:{free_port()}",
+           "--check-http-address", f"127.0.0.1:{free_port()}", *args]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "AUTHZ_STATE_DIR": str(tmp)}
     for name in ("AUTHZ_TLS_CERT", "AUTHZ_TLS_KEY", "AUTHZ_TLS_CLIENT_CA"):
         env.pop(name, None)
