@@ -125,11 +125,12 @@ class CheckHttpServer:
         path = original_path(request.raw_path)
         if path is None:
             raise web.HTTPNotFound()
+        context = _Context(request)  # the gateway's clock runs from here (or earlier)
         cap = self._store.current.bounds.request_body_bytes
         body, whole = await _read(request, cap + 1)  # one more: the enforcer sees "too big"
         msg = check_request(request.method, path, request.headers.items(), body)
         try:
-            resp = await self._checks.Check(msg, cast(Any, _Context(request)))
+            resp = await self._checks.Check(msg, cast(Any, context))
         except _Gone:  # gone, or too late: the reservation is released (Unanswered)
             return _text(504, "decided too late: the gateway no longer waits")
         status, headers, payload = http_answer(resp)
