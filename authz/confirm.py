@@ -36,7 +36,12 @@ from authz.clock import Clock
 from authz.policy.model import Policy
 from authz.usage.types import TokenUsage
 
-__all__ = ["confirm", "tentative"]
+__all__ = ["FULL_HOLD", "confirm", "tentative"]
+
+# A CheckRequest context extension saying no ext_proc stream will confirm this Check's
+# hold (the HTTP check port: Kong settles over HTTP). Only the gateway reaches the
+# ports, and the extension can only make a hold longer, never free.
+FULL_HOLD = "authz.full_hold"
 
 _FREE = TokenUsage(0, 0, 0)
 

@@ -25,6 +25,7 @@ from google.rpc import status_pb2
 
 from authz.answers import reset_header
 from authz.apis import Api, api_for_path
+from authz.confirm import FULL_HOLD
 from authz.decision import Decision, DenyReason
 from authz.enforcer import CheckInput
 from authz.handles import MAC_FIELD, Handle, HandleKeys
@@ -71,7 +72,9 @@ def check_input(req: authz_pb2.CheckRequest, payload_key: str) -> CheckInput:
         body=body,
         body_truncated=headers.get(_PARTIAL) == "true",
         envoy_jwt_payload=payload,
-        confirmed_later=True,  # by the ext_proc stream that follows (authz.confirm)
+        # By the ext_proc stream that follows (authz.confirm), unless the caller says
+        # none will (the HTTP check port).
+        confirmed_later=FULL_HOLD not in req.attributes.context_extensions,
     )
 
 

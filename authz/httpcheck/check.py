@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
 
 from authz.handle_token import HANDLE_HEADER, encode_token
+from authz.confirm import FULL_HOLD
 from authz.handles import MAC_FIELD, Handle
 
 __all__ = ["CHECK_PREFIX", "REMOVE_HEADER", "HttpAnswer", "check_request", "http_answer"]
@@ -70,6 +71,9 @@ def check_request(
     http.headers.update(merged)
     if body:
         http.raw_body = body
+    # No ext_proc stream confirms a hold made here (Kong settles over HTTP when the
+    # response ends): the hold lives ttl_s at once (authz.confirm).
+    req.attributes.context_extensions[FULL_HOLD] = "1"
     return req
 
 

@@ -95,3 +95,14 @@ def test_local_holds_confirm_in_place() -> None:
     [hold] = local.expired(701.0)
     assert hold.expiry_charge == TokenUsage(10, 0, 0)
     assert local.confirm("local:r1", 800.0, TokenUsage(10, 0, 0)) is False
+
+
+def test_http_check_port_checks_keep_full_holds() -> None:
+    # Built as the HTTP check port builds it (Kong: no ext_proc stream will confirm).
+    from authz.envoy.convert import check_input
+    from authz.httpcheck.check import check_request
+
+    http = check_request("POST", "/v1/chat/completions", [("authorization", "Bearer k")], b"{}")
+    assert check_input(http, "payload").confirmed_later is False
+    http.attributes.context_extensions.clear()  # as Envoy's gRPC ext_authz sends it
+    assert check_input(http, "payload").confirmed_later is True
