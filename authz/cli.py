@@ -243,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     from authz.audit.cli import add_audit_commands
 
     add_audit_commands(sub)
+    from authz.envoyconf.command import add_envoy_config_command
+
+    add_envoy_config_command(sub)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # envoy-config echoes it
     return int(args.fn(args))
 
 
