@@ -10,6 +10,7 @@ out, rendered by the same builders as the modes that turn them on.
 from __future__ import annotations
 
 from datetime import timedelta
+
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
 from envoy_data_plane.envoy.config.bootstrap.v3 import (
     Admin,
@@ -58,6 +59,7 @@ from authz.envoyconf.yaml_out import Notes, dump, message_tree, prefixed
 __all__ = ["bootstrap", "fragment"]
 
 _HCM = "envoy.filters.network.http_connection_manager"
+_STDOUT = "envoy.access_loggers.stdout"
 
 
 def _parts(opts: Options) -> tuple[list[HttpFilter], Notes, list[Cluster], Notes]:
@@ -117,7 +119,7 @@ def _listener(opts: Options, filters: list[HttpFilter]) -> Listener:
         merge_slashes=True,
         path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
         stream_idle_timeout=timedelta(seconds=300),
-        access_log=[AccessLog(name="envoy.access_loggers.stdout", typed_config=Any.pack(access_log))],
+        access_log=[AccessLog(name=_STDOUT, typed_config=Any.pack(access_log))],
         route_config=RouteConfiguration(
             name="llm", virtual_hosts=[VirtualHost(name="llm", domains=["*"], routes=[route])]
         ),

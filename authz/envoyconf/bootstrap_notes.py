@@ -138,7 +138,9 @@ HCM: Notes = {
 What the service decided, on allow and deny. Named keys only, never the
 whole namespace: it also holds the reservation handle and its MAC, which
 must reach ext_proc and nothing else (docs/security.md).""",
-    f"{_LOG}.json_format.usage": "What the service measured on the response (tokens actually used).",
+    f"{_LOG}.json_format.usage": (
+        "What the service measured on the response (tokens actually used)."
+    ),
     f"{_ROUTE}.request_headers_to_add": """\
 The service reads each response for its usage: ask the upstream for it
 uncompressed. An upstream that compresses anyway is decoded (gzip and
@@ -206,4 +208,8 @@ def optional_clusters(blocks: list[str]) -> str:
 
 
 def optional_mtls(block: str) -> str:
-    return f"{MTLS_NOTE}\nPoint the address above at the service, and uncomment\n(or generate with `authz envoy-config --mode mtls`).\n{block}"
+    return f"""\
+{MTLS_NOTE}
+Point the address above at the service, and uncomment
+(or generate with `authz envoy-config --mode mtls`).
+{block}"""

@@ -15,8 +15,8 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
     CircuitBreakersThresholds,
     Cluster,
+    ClusterCustomClusterType,
     ClusterDiscoveryType,
-    ClusterDnsLookupFamily,
     ClusterLbPolicy,
     OutlierDetection,
 )
@@ -38,6 +38,8 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
     LbEndpoint,
     LocalityLbEndpoints,
 )
+from envoy_data_plane.envoy.extensions.clusters.common.dns.v3 import DnsLookupFamily
+from envoy_data_plane.envoy.extensions.clusters.dns.v3 import DnsCluster
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -107,13 +109,18 @@ def tls_socket(opts: Options, alpn: str) -> TransportSocket:
 
 def _cluster(opts: Options, name: str, host: str, port: int, *, grpc: bool) -> Cluster:
     if opts.service:
+        # What STRICT_DNS was, in the form Envoy no longer deprecates: every address the
+        # name resolves to is an endpoint (all_addresses_in_single_endpoint: false).
+        dns = DnsCluster(
+            dns_refresh_rate=timedelta(seconds=5), dns_lookup_family=DnsLookupFamily.V4_PREFERRED
+        )
         cluster = Cluster(
             name=name,
-            type=ClusterDiscoveryType.STRICT_DNS,
+            cluster_type=ClusterCustomClusterType(
+                name="envoy.clusters.dns", typed_config=Any.pack(dns)
+            ),
             connect_timeout=opts.connect,
             lb_policy=ClusterLbPolicy.LEAST_REQUEST,
-            dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
-            dns_refresh_rate=timedelta(seconds=5),
             load_assignment=load_assignment(name, host, port),
             outlier_detection=OutlierDetection(
                 consecutive_gateway_failure=3, interval=timedelta(seconds=5)
@@ -185,7 +192,7 @@ def _notes(opts: Options, *, grpc: bool) -> Notes:
             + (" per replica." if opts.service else ".")
         )
     if opts.service:
-        notes["type"] = _SERVICE
+        notes["cluster_type"] = _SERVICE
         if grpc:
             notes["health_checks"] = _HEALTH
     else:
@@ -204,8 +211,8 @@ Each in-flight LLM call holds an ext_proc stream open for its whole response
 and then fail them (503 on Check); raise it to what one Envoy should carry."""
 
 _SERVICE = """\
-One endpoint per replica: STRICT_DNS keeps every address the name resolves to (a
-headless Service: one per ready pod), re-resolved every dns_refresh_rate. A
+One endpoint per replica: DNS discovery (STRICT_DNS) keeps every address the name
+resolves to (a headless Service: one per ready pod), re-resolved every dns_refresh_rate. A
 ClusterIP would pin Envoy's long-lived HTTP/2 connection, and so every check, to
 one pod. LEAST_REQUEST spreads the long ext_proc streams; HTTP/2 keepalive drops a
 connection to a replica that vanished without closing it; outlier detection

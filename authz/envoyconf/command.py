@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,11 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
 
 def render(opts: Options, *, whole: bool, command: str) -> str:
-    from authz.envoyconf.bootstrap import bootstrap, fragment
+    with warnings.catch_warnings():
+        # envoy-data-plane's generated classes use a pydantic decorator form that pydantic
+        # >= 2.12 deprecates, once per class at import: noise for our users, not theirs.
+        warnings.filterwarnings("ignore", "Using `@model_validator`", DeprecationWarning)
+        from authz.envoyconf.bootstrap import bootstrap, fragment
 
     return bootstrap(opts, command) if whole else fragment(opts, command)
 

@@ -13,7 +13,7 @@ import urllib.parse
 from datetime import timedelta
 
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
-from envoy_data_plane.envoy.config.core.v3 import HttpUri
+from envoy_data_plane.envoy.config.core.v3 import HttpUri, TransportSocket
 from envoy_data_plane.envoy.config.route.v3 import RouteMatch
 from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     JwtAuthentication,
@@ -26,7 +26,6 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpFilter,
 )
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import UpstreamTlsContext
-from envoy_data_plane.envoy.config.core.v3 import TransportSocket
 from envoy_data_plane.google.protobuf import Any
 
 from authz.envoyconf.clusters import load_assignment
@@ -77,7 +76,9 @@ def jwks_cluster(opts: Options) -> tuple[Cluster, Notes]:
         name=IDP_JWKS,
         type=ClusterDiscoveryType.LOGICAL_DNS,
         connect_timeout=timedelta(seconds=2),
-        load_assignment=load_assignment(IDP_JWKS, url.hostname or "", url.port or (443 if https else 80)),
+        load_assignment=load_assignment(
+            IDP_JWKS, url.hostname or "", url.port or (443 if https else 80)
+        ),
     )
     if https:
         tls = UpstreamTlsContext(sni=url.hostname or "")
