@@ -157,7 +157,11 @@ def _cluster(opts: Options, name: str, host: str, port: int, *, grpc: bool) -> C
     cluster.circuit_breakers = CircuitBreakers(
         thresholds=[
             CircuitBreakersThresholds(
-                priority=RoutingPriority.DEFAULT, max_requests=100000, max_pending_requests=100000
+                priority=RoutingPriority.DEFAULT,
+                max_requests=100000,
+                max_pending_requests=100000,
+                # HTTP/1.1 holds a connection per check in flight: 1024 by default.
+                max_connections=None if grpc else 100000,
             )
         ]
     )

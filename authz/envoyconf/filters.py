@@ -74,8 +74,9 @@ def ext_authz(opts: Options) -> tuple[HttpFilter, Notes]:
         ),
         allowed_headers=_match(
             "authorization", "x-api-key", "api-key", "content-type", "traceparent", "tracestate",
-            # gRPC carries the request id as an attribute; HTTP only as a header.
-            *(["x-request-id"] if http else []),
+            # gRPC carries these as attributes or adds them itself; HTTP only as headers
+            # that pass this list (the partial flag marks a body truncated at the limit).
+            *(["x-request-id", "x-envoy-auth-partial-body"] if http else []),
             prefix=("x-authz-",),
         ),
         emit_filter_state_stats=True,

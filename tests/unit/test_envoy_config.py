@@ -210,6 +210,9 @@ def test_http_service_mode_follows_the_check_api_contract(tmp_path: Path) -> Non
         "address"
     ]
     assert address["socket_address"] == {"address": "127.0.0.1", "port_value": 7003}
+    assert http_cluster["circuit_breakers"]["thresholds"][0]["max_connections"] == 100000
+    allowed = {p.get("exact") for p in authz["allowed_headers"]["patterns"]}
+    assert {"x-request-id", "x-envoy-auth-partial-body", "authorization"} <= allowed
 
 
 def test_fragment_is_the_bootstrap_s_filters_and_clusters() -> None:
