@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from authz.cli_env import ENV_EPILOG, apply_env
 from authz.errors import AddressInUse, AuthzError, PolicyError
 
 __all__ = ["main"]
@@ -19,6 +21,13 @@ EXIT_ADDRESS_IN_USE = 3  # distinct from 2 (bad configuration): retrying later m
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("authz")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -162,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="authz", description="Token-budget authorization for AI gateways"
     )
+    p.add_argument("--version", action="version", version=f"authz {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the ext_authz + ext_proc gRPC service")
+    s = sub.add_parser(
+        "serve", help="run the ext_authz + ext_proc gRPC service", epilog=ENV_EPILOG
+    )
     s.add_argument("--config", required=True, help="policy YAML file")
     s.add_argument(
         "--grpc-address",
@@ -232,16 +244,20 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument(
         "--drain-timeout",
         type=float,
-        default=float(os.environ.get("AUTHZ_DRAIN_TIMEOUT", "10")),
+        default=10.0,
         help="on SIGTERM, seconds to let Checks and ext_proc streams in flight end before"
-        " they are cut; a cut stream is settled by the abort rule (AUTHZ_DRAIN_TIMEOUT;"
-        " default 10). Keep the orchestrator's grace period above it",
+        " they are cut; a cut stream is settled by the abort rule (default 10). Keep the"
+        " orchestrator's grace period above it",
     )
-    s.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "info"))
+    s.add_argument(
+        "--log-level",
+        default=os.environ.get("AUTHZ_LOG_LEVEL", "info"),
+        help="debug, info, warning or error (default info)",
+    )
     s.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("AUTHZ_WORKERS", "1")),
+        default=1,
         help="serving processes sharing the gRPC port (SO_REUSEPORT); worker i serves admin"
         " HTTP on the --http-address port + i. Needs a shared ledger (redis://)",
     )
@@ -252,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         " every budget (N times the allowance). For benchmarks and tests only",
     )
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    apply_env(s)  # after the last flag: each gets its AUTHZ_* variable
     s.set_defaults(fn=_serve)
     c = sub.add_parser("check-config", help="validate a policy file offline")
     c.add_argument("file")
@@ -263,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     from authz.audit.cli import add_audit_commands
 
     add_audit_commands(sub)
+    from authz.envoyconf.command import add_envoy_config_command
+
+    add_envoy_config_command(sub)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # envoy-config echoes it
     return int(args.fn(args))
 
 
