@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
 
-from authz.handle_token import HANDLE_HEADER, encode_token
 from authz.confirm import FULL_HOLD
+from authz.handle_token import HANDLE_HEADER, encode_token
 from authz.handles import MAC_FIELD, Handle
 
 __all__ = ["CHECK_PREFIX", "REMOVE_HEADER", "HttpAnswer", "check_request", "http_answer"]
