@@ -63,7 +63,9 @@ def delete(server: RedisServer, pattern: str) -> None:
 async def test_bytes_per_record(tmp_path: Path) -> None:
     clock = FakeClock(START + 3600)
     with RedisServer(tmp_path) as server:
-        ledger = open_ledger(f"{server.url}?lease=off", clock)
+        # A measurement, not a timing test: a busy machine made a reserve miss the 0.5 s
+        # default, and the retried script then found its own record ("already in use").
+        ledger = open_ledger(f"{server.url}?lease=off&timeout=10", clock)
         assert isinstance(ledger, RedisLedger)
         sem = asyncio.Semaphore(32)
 
