@@ -407,10 +407,10 @@ def test_rendered_config_with_jwt_authn_validates(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_repo_envoy_folder_does_not_shadow_envoy_protos() -> None:
+def test_repo_envoy_folder_does_not_shadow_the_protos() -> None:
     assert not (REPO_ROOT / "envoy" / "__init__.py").exists()
     subprocess.run(
-        [sys.executable, "-c", "import envoy.service.auth.v3.external_auth_pb2"],
+        [sys.executable, "-c", "import authz.proto.external_auth_pb2"],
         cwd=REPO_ROOT,
         check=True,
         timeout=60,
