@@ -28,6 +28,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.proto import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from tests.support.envoy_proc import EnvoyProcess, render_envoy_config
 from tests.support.podman import Podman, missing_requirements
 from tests.support.ports import free_port
 from tests.support.procs import wait_until
@@ -44,6 +45,7 @@ class Container:
     def __init__(self, podman: Podman) -> None:
         self.podman = podman
         self.name = f"authz-test-{uuid.uuid4().hex[:8]}"
+        self.volume = f"{self.name}-state"
         self.grpc_port, self.http_port = free_port(), free_port()
 
     def start(self) -> Container:
@@ -51,6 +53,7 @@ class Container:
             "run", "-d", "--name", self.name,
             "-p", f"127.0.0.1:{self.grpc_port}:9191", "-p", f"127.0.0.1:{self.http_port}:9192",
             "-v", f"{EXAMPLES}:/etc/authz:ro",
+            "-v", f"{self.volume}:/var/lib/authz/authz-state",  # the docs' state volume
             # Port 9191 listens on 0.0.0.0 in the container: plaintext only when told so.
             "-e", "AUTHZ_INSECURE_PLAINTEXT=1",
             TAG,
@@ -79,6 +82,7 @@ class Container:
 
     def remove(self) -> None:
         self.podman("rm", "-f", "-t", "0", self.name, check=False)
+        self.podman("volume", "rm", "-f", self.volume, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +161,36 @@ def test_a_check_with_a_real_jwt_is_allowed_and_one_without_is_denied(
     assert forged.denied_response.status.code == 401, forged
 
 
+def test_a_request_through_envoy_is_denied_by_the_container(
+    container: Container, tmp_path: Path
+) -> None:
+    """docs/deploy/docker.md's path: the shipped envoy.yaml in front, authz in the image."""
+    config = render_envoy_config(
+        listen_port=0, admin_port=0, authz_port=container.grpc_port,
+        upstream_port=free_port(), out_path=tmp_path / "envoy.yaml",
+    )  # fmt: skip
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    with EnvoyProcess(config) as envoy:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{envoy.port}/v1/chat/completions", data=body.encode(),
+            headers={"content-type": "application/json"}, method="POST",
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            _OPENER.open(request, timeout=30).close()
+        with denied.value as answer:
+            assert answer.code == 401, answer.read()
+            assert answer.headers["x-authz-reason"] == "unauthenticated"
+            assert json.loads(answer.read())["error"]["code"] == "invalid_api_key"
+
+
 def test_runs_as_a_non_root_user(container: Container) -> None:
     status = container.podman("exec", container.name, "cat", "/proc/1/status").stdout
     uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
     assert uids == ["10001"] * 4, status
+    # The embedded ledger is written to the state volume, by that user.
+    owner = container.podman("exec", container.name, "stat", "-c", "%u",
+                             "/var/lib/authz/authz-state/ledger.db").stdout.strip()  # fmt: skip
+    assert owner == "10001"
 
 
 def test_sigterm_drains_and_exits_zero(podman: Podman) -> None:
