@@ -205,3 +205,14 @@ def test_sigterm_drains_and_exits_zero(podman: Podman) -> None:
         assert "stopped" in logs.split("stopping: no new checks", 1)[1], logs
     finally:
         c.remove()
+
+
+def test_without_root_it_fails_saying_it_could_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a rootless local run gets instead of a build: a failure that says so."""
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    why = missing_requirements()
+    assert why is not None and "could not run" in why and "root" in why
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("shutil.which", lambda tool: None if tool == "debootstrap" else tool)
+    why = missing_requirements()
+    assert why is not None and "debootstrap not installed" in why and "apt-deps" in why
