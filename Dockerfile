@@ -1,4 +1,4 @@
-# authz: the ext_authz + ext_proc service. Build: docker build -t authz .
+# authz: the ext_authz + ext_proc service. Build: docker build -t authz .  (step by step: docs/deploy/docker.md)
 # Run:   docker run -p 9191:9191 -p 127.0.0.1:9192:9192 -v $PWD/examples:/etc/authz \
 #          -v $PWD/certs:/etc/authz-tls -e AUTHZ_TLS_CERT=/etc/authz-tls/tls.crt \
 #          -e AUTHZ_TLS_KEY=/etc/authz-tls/tls.key -e AUTHZ_TLS_CLIENT_CA=/etc/authz-tls/ca.crt authz
