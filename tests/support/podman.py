@@ -135,3 +135,6 @@ class Podman:
     def build(self, tag: str, context: Path) -> None:
         self.ensure_base()
         self("build", "--pull=never", "--format", "docker", "-t", tag, str(context), timeout=900)
+        # Earlier builds' images (untagged now, no children) would pile up run after run;
+        # this build's cached layers are parents of the tag and stay.
+        self("image", "prune", "-f", check=False)
