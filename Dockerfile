@@ -1,4 +1,4 @@
-# authz: the ext_authz + ext_proc service. Build: docker build -t authz .
+# authz: the ext_authz + ext_proc service. Build: docker build -t authz .  (step by step: docs/deploy/docker.md)
 # Run:   docker run -p 9191:9191 -p 127.0.0.1:9192:9192 -v $PWD/examples:/etc/authz \
 #          -v $PWD/certs:/etc/authz-tls -e AUTHZ_TLS_CERT=/etc/authz-tls/tls.crt \
 #          -e AUTHZ_TLS_KEY=/etc/authz-tls/tls.key -e AUTHZ_TLS_CLIENT_CA=/etc/authz-tls/ca.crt authz
@@ -10,12 +10,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY authz ./authz
-# xds-protos overwrites opentelemetry-proto's files with older ones: put them back.
-RUN pip install --no-cache-dir --prefix=/install . \
- && PYTHONPATH=$(echo /install/lib/python3*/site-packages) python -c \
-    'import importlib.metadata as m; print(m.version("opentelemetry-proto"))' > /tmp/otelv \
- && pip install --no-cache-dir --prefix=/install --no-deps --force-reinstall \
-    "opentelemetry-proto==$(cat /tmp/otelv)"
+RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
@@ -31,7 +26,7 @@ EXPOSE 9191 9192
 # gRPC (ext_authz + ext_proc + health + reflection) on 9191, admin HTTP on 9192 (explicit
 # 0.0.0.0 here: out of the box, outside a container, both listen on 127.0.0.1 only).
 HEALTHCHECK --interval=10s --timeout=2s \
-  CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:9192/healthz').status != 200)"
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9192/healthz', timeout=2).status != 200)"]
 # SIGTERM drains (no new checks, in-flight finish, usage flushed): give it a grace period.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["authz", "serve", "--grpc-address", "0.0.0.0:9191", "--http-address", "0.0.0.0:9192"]

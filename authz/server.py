@@ -16,8 +16,6 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,6 +35,12 @@ from authz.ledger.sqlite import SqliteLedger
 from authz.listen import check_transport, ensure_free, jwt_authn_guard
 from authz.observability import Observability
 from authz.policy.store import PolicyStore
+from authz.proto import (
+    external_auth_pb2,
+    external_auth_pb2_grpc,
+    external_processor_pb2,
+    external_processor_pb2_grpc,
+)
 from authz.readiness import Readiness
 from authz.reclaim import release_memory
 from authz.telemetry.ledger_file import LedgerFileCollector

@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import grpc
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+
+from authz.proto import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
 BODY = json.dumps({"model": "gpt-4o", "max_tokens": 10,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()  # fmt: skip

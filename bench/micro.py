@@ -16,9 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-
 from authz.handles import Handle, HandleKeys
+from authz.proto import attribute_context_pb2, external_auth_pb2
 from bench.scenario import REQUEST_BODY, user_token, write_policy
 
 __all__ = ["check_request", "micro"]

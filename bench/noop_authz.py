@@ -18,9 +18,10 @@ import subprocess
 import sys
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2 as pb
-from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from google.rpc import status_pb2
+
+from authz.proto import external_auth_pb2 as pb
+from authz.proto import external_auth_pb2_grpc as pb_grpc
 
 _OK = pb.CheckResponse(status=status_pb2.Status(code=0), ok_response=pb.OkHttpResponse())
 

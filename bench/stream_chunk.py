@@ -15,10 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
 from authz.apis import Api
 from authz.mutate.response import UsageChunkRemover
+from authz.proto import external_processor_pb2 as pb
 from authz.settle import ReservationInfo, ResponseTracker
 
 __all__ = ["CHUNK", "main"]

@@ -1,1 +1,1 @@
-"""The only package that imports Envoy's protos (from ``xds-protos``, upb-backed)."""
+"""The only package that imports Envoy's protos (the project's own, :mod:`authz.proto`)."""

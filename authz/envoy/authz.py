@@ -6,8 +6,6 @@ import logging
 from collections.abc import Mapping
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
-from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
@@ -17,6 +15,8 @@ from authz.envoy.convert import check_input, check_response
 from authz.envoy.unanswered import Unanswered
 from authz.handles import HandleKeys
 from authz.policy.model import Policy
+from authz.proto import external_auth_pb2 as authz_pb2
+from authz.proto import external_auth_pb2_grpc as authz_grpc
 from authz.telemetry.logging import trace_ids
 from authz.telemetry.metrics import Metrics
 from authz.telemetry.tracing import Tracing, traceparent_of

@@ -17,9 +17,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
-from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 from google.rpc import status_pb2
 
@@ -29,6 +26,8 @@ from authz.confirm import FULL_HOLD
 from authz.decision import Decision, DenyReason
 from authz.enforcer import CheckInput
 from authz.handles import MAC_FIELD, Handle, HandleKeys
+from authz.proto import base_pb2, http_status_pb2
+from authz.proto import external_auth_pb2 as authz_pb2
 
 __all__ = ["UPSTREAM_PREFIX", "check_input", "check_response", "error_body", "metadata_fields"]
 

@@ -23,9 +23,6 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
@@ -49,6 +46,9 @@ from authz.handles import HandleKeys, SettleRefusal
 from authz.mutate.request import CapUnwritable, RequestChanges, rewrite_request
 from authz.mutate.response import UsageChunkRemover, usage_remover
 from authz.offload import INLINE_BYTES, run_off_loop
+from authz.proto import external_processor_pb2 as pb
+from authz.proto import external_processor_pb2_grpc as pb_grpc
+from authz.proto import processing_mode_pb2
 from authz.settle import BodyMode, Outcome, ReservationInfo, ResponseTracker
 from authz.telemetry.metrics import Metrics
 from authz.telemetry.tracing import Tracing

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
 from authz.apis import Api
 from authz.handle_token import HANDLE_HEADER, decode_token
 from authz.handles import MAC_FIELD, Handle, SettleRefusal
+from authz.proto import external_processor_pb2 as pb
 from authz.settle import ReservationInfo
 
 __all__ = [

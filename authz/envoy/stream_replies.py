@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from authz.decision import Decision, DenyReason, Verdict
 from authz.envoy.convert import error_body
 from authz.policy.model import Policy
+from authz.proto import base_pb2, http_status_pb2
+from authz.proto import external_processor_pb2 as pb
 from authz.settle import Outcome, ReservationInfo
 
 __all__ = ["continue_message", "settled_cost", "uncapped_refusal", "usage_metadata"]

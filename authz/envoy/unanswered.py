@@ -29,7 +29,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
+
+from authz.proto.external_auth_pb2 import CheckResponse
 
 __all__ = ["MARGIN_S", "Unanswered"]
 

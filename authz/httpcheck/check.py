@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
-
 from authz.confirm import FULL_HOLD
 from authz.handle_token import HANDLE_HEADER, encode_token
 from authz.handles import MAC_FIELD, Handle
+from authz.proto import external_auth_pb2 as authz_pb2
 
 __all__ = ["CHECK_PREFIX", "REMOVE_HEADER", "HttpAnswer", "check_request", "http_answer"]
 

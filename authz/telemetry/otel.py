@@ -26,8 +26,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from authz.errors import AuthzError
-
 __all__ = ["OtelSetup", "signal_config", "start_otel"]
 
 log = logging.getLogger("authz.telemetry")
@@ -155,20 +153,6 @@ def _metric_exporter(cfg: SignalConfig) -> Any:
     return HttpMetricExporter()
 
 
-def _check_proto_files() -> None:
-    """xds-protos installs an older copy of the OpenTelemetry protos over
-    opentelemetry-proto's files when pip happens to install it last; the exporters then
-    fail to import deep inside. Say what happened and how to fix it instead."""
-    try:
-        from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope  # noqa: F401
-    except ImportError as exc:
-        raise AuthzError(
-            "OpenTelemetry is configured (OTEL_*) but the opentelemetry-proto files were "
-            "overwritten by xds-protos' older copy; run: pip install --no-deps "
-            "--force-reinstall opentelemetry-proto==<installed version>"
-        ) from exc
-
-
 def start_otel(env: Mapping[str, str] | None = None) -> OtelSetup:
     """Start what the environment asks for; nothing at all when no OTEL_* is set.
 
@@ -185,7 +169,6 @@ def start_otel(env: Mapping[str, str] | None = None) -> OtelSetup:
     metrics = signal_config("metrics", env)
     if traces is None and logs is None and metrics is None:
         return setup
-    _check_proto_files()
     resource = _resource(env)
     if traces is not None:
         from opentelemetry.sdk.trace import TracerProvider

@@ -23,8 +23,8 @@ import grpc
 import httpx
 import pytest
 import redis as redis_py
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
+from authz.proto import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from tests.e2e.spine_env import token
 from tests.support.envoy_proc import EnvoyProcess
 from tests.support.fake_llm import FakeLLMThread

@@ -22,14 +22,12 @@ import grpc
 import httpx
 import openai
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from google.protobuf import json_format, struct_pb2
 from google.rpc import status_pb2
 
+from authz.proto import base_pb2, external_auth_pb2, external_auth_pb2_grpc, processing_mode_pb2
+from authz.proto import external_processor_pb2 as ext_proc_pb2
+from authz.proto import external_processor_pb2_grpc as ext_proc_grpc
 from tests.support.envoy_proc import (
     ENVOY_YAML,
     REPO_ROOT,
@@ -410,10 +408,10 @@ def test_rendered_config_with_jwt_authn_validates(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_repo_envoy_folder_does_not_shadow_envoy_protos() -> None:
+def test_repo_envoy_folder_does_not_shadow_the_protos() -> None:
     assert not (REPO_ROOT / "envoy" / "__init__.py").exists()
     subprocess.run(
-        [sys.executable, "-c", "import envoy.service.auth.v3.external_auth_pb2"],
+        [sys.executable, "-c", "import authz.proto.external_auth_pb2"],
         cwd=REPO_ROOT,
         check=True,
         timeout=60,

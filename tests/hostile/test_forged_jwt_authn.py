@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2
 
+from authz.proto import external_auth_pb2
 from tests.hostile.test_grpc_mtls import REFUSED, Pki, check_request, direct_check, make_pki
 from tests.support.certs import TestCA
 from tests.support.service import AuthzService

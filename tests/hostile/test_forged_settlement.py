@@ -19,12 +19,11 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
+from authz.proto import attribute_context_pb2, base_pb2, external_auth_pb2, external_auth_pb2_grpc
+from authz.proto import external_processor_pb2 as pb
+from authz.proto import external_processor_pb2_grpc as pb_grpc
 from tests.e2e.spine_env import metric, wait_metric
 from tests.support.service import AuthzService
 

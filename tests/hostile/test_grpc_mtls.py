@@ -21,10 +21,15 @@ import grpc
 import openai
 import pytest
 import yaml
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from google.protobuf import struct_pb2
 
+from authz.proto import (
+    attribute_context_pb2,
+    external_auth_pb2,
+    external_auth_pb2_grpc,
+    external_processor_pb2,
+    external_processor_pb2_grpc,
+)
 from tests.e2e import conftest as e2e_fixtures
 from tests.e2e.spine_env import metric, wait_metric
 from tests.support.certs import Issued, TestCA

@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
+from authz.proto import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from tests.e2e.spine_env import metric, wait_metric
 from tests.support.procs import wait_until
 from tests.support.service import REPO_ROOT, AuthzService

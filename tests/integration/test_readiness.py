@@ -18,8 +18,8 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 
+from authz.proto import external_auth_pb2_grpc
 from tests.hostile.test_grpc_mtls import check_request
 from tests.support.ports import free_port
 from tests.support.procs import HarnessError, wait_until

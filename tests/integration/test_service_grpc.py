@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from authz.proto import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from tests.support.service import AuthzService
 
 pytestmark = pytest.mark.integration

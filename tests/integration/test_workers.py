@@ -12,9 +12,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from authz.proto import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from tests.support.ports import free_ports_in_a_row
 from tests.support.procs import wait_until
 from tests.support.service import REPO_ROOT, AuthzService

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,6 +19,7 @@ from authz.httpcheck.check import REMOVE_HEADER, check_request, http_answer, ori
 from authz.httpcheck.settle import BadSettle, outcome_of, parse_settle, verify
 from authz.policy.bounds import BoundsSettings
 from authz.policy.model import Node, SubjectPath
+from authz.proto import external_processor_pb2 as pb
 from authz.settle import ReservationInfo
 
 pytestmark = pytest.mark.unit

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +22,7 @@ from authz.ledger import MemoryLedger
 from authz.mutate.request import RequestChanges
 from authz.mutate.response import UsageChunkRemover, usage_remover
 from authz.policy.store import PolicyStore
+from authz.proto import external_processor_pb2 as pb
 from authz.telemetry.metrics import Metrics
 from authz.usage.sse import DEFAULT_MAX_EVENT_BYTES
 from tests.support.fake_llm import _chat_events, _completion_events, _Turn

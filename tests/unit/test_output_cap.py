@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 from authz.apis import Api
@@ -26,6 +25,7 @@ from authz.output_cap import largest_output
 from authz.policy.loader import parse_policy
 from authz.policy.model import Weights
 from authz.policy.store import PolicyStore
+from authz.proto import external_processor_pb2 as pb
 from authz.telemetry.metrics import Metrics
 from authz.usage.types import TokenUsage
 

@@ -9,9 +9,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 from authz.apis import Api
@@ -21,6 +18,8 @@ from authz.envoy.extproc import ExternalProcessorServicer
 from authz.handles import Handle, HandleKeys
 from authz.ledger import MemoryLedger
 from authz.policy.store import PolicyStore
+from authz.proto import base_pb2, processing_mode_pb2
+from authz.proto import external_processor_pb2 as pb
 from authz.settle import BodyMode, ReservationInfo, ResponseTracker
 from authz.telemetry.metrics import Metrics
 from authz.usage.types import TokenUsage

@@ -10,9 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -25,6 +22,8 @@ from authz.envoy.extproc import ExternalProcessorServicer
 from authz.handles import HandleKeys
 from authz.ledger import MemoryLedger
 from authz.policy.store import PolicyStore
+from authz.proto import attribute_context_pb2, base_pb2, external_auth_pb2
+from authz.proto import external_processor_pb2 as pb
 from authz.telemetry.logging import JsonFormatter, trace_ids
 from authz.telemetry.metrics import Metrics
 from authz.telemetry.otel import signal_config, start_otel

@@ -16,8 +16,6 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 
 from authz.clock import FakeClock
 from authz.enforcer import Enforcer
@@ -26,6 +24,8 @@ from authz.handles import HandleKeys
 from authz.ledger import MemoryLedger
 from authz.ledger.base import SettleOutcome
 from authz.policy.store import PolicyStore
+from authz.proto import attribute_context_pb2, external_auth_pb2
+from authz.proto import external_auth_pb2_grpc as authz_grpc
 from authz.telemetry.metrics import Metrics
 from authz.usage.types import TokenUsage
 
