@@ -148,8 +148,10 @@ class MemoryLedger:
                     c.used = max(0, prev.used - limit.nominal)
                 else:
                     c.used = self._debts.pop(limit.carry_from, (0, 0.0))[0]
-        else:
-            c.amount = limit.amount  # a reloaded policy may change the amount
+        elif c.amount != limit.amount:  # a reloaded policy may change the amount
+            # Only then: each plan computes its amount anew, and a long-lived counter
+            # holding the last request's int would keep that int's arena (see above).
+            c.amount = limit.amount
         return c
 
     async def reserve(
