@@ -270,5 +270,5 @@ async def test_nothing_made_for_a_burst_of_callers_outlives_it(tmp_path: Path) -
         t.__name__ for i, t in after.items() if peak.get(i) is t and before.get(i) is not t
     ]
     # The org's and department's counter values, made in the burst and still current, and
-    # a few timestamps may; nothing per one-off caller or per request (1,355 before).
+    # a few timestamps may (9); nothing per one-off caller or per request (1,355 before).
     assert len(survivors) <= 20, sorted(survivors)
