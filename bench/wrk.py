@@ -77,8 +77,8 @@ def run_wrk(
         "-s", str(LUA), url, "--", *args,
     ]  # fmt: skip
     # wrk loads the whole file before its clock starts: 200k ES256 requests are 136 MB,
-    # which took over a minute on a busy machine (bench memory --idle timed out).
-    loading_s = 60 + 2 * requests_file.stat().st_size / 1e6
+    # which took over 340 s at a load average of 15 on 2 cores (bench memory --idle).
+    loading_s = 60 + 6 * requests_file.stat().st_size / 1e6
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + loading_s)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
