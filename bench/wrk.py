@@ -76,7 +76,10 @@ def run_wrk(
         "-d", f"{max(1, round(duration_s))}s", "--timeout", f"{timeout_s:g}s",
         "-s", str(LUA), url, "--", *args,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
+    # wrk loads the whole file before its clock starts: 200k ES256 requests are 136 MB,
+    # which took over 340 s at a load average of 15 on 2 cores (bench memory --idle).
+    loading_s = 60 + 6 * requests_file.stat().st_size / 1e6
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + loading_s)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()}\n{proc.stdout}")

@@ -17,7 +17,10 @@ from authz.ledger.base import Balance, Limit, Refusal, Reservation, SettleOutcom
 from authz.usage.bounds import ledger_usage
 from authz.usage.types import TokenUsage
 
-__all__ = ["Changes", "MemoryLedger"]
+__all__ = ["STALE_DEADLINES", "Changes", "MemoryLedger"]
+
+# Entries of settled reservations the deadline heap may keep beyond twice the open ones.
+STALE_DEADLINES = 64
 
 
 class Changes:
@@ -72,9 +75,9 @@ def _forget(memory: dict[str, Any], now: float, cap: int) -> None:
 class MemoryLedger:
     """Counters and reservations in dicts; every structure is bounded so memory stays
     flat however many checks pass, and follows activity, not history (issue 9, #7):
-    counters go when their window ends and nothing holds them, settled ids, expired
-    reservations and charge ids after an age and beyond a cap, and this happens on the
-    periodic ``expire`` (the server's sweep) too, so an idle ledger shrinks back.
+    counters go when their window ends and nothing holds them, expired reservations and
+    charge ids after an age and beyond a cap, and this happens on the periodic
+    ``expire`` (the server's sweep) too, so an idle ledger shrinks back.
 
     How long an expired reservation is kept (``remember_expired_s``, 600 s): a late
     settle comes from an ext_proc stream that outlived the reservation's TTL. The shipped
@@ -82,10 +85,19 @@ class MemoryLedger:
     upstream silent for 300 s (``idle_timeout``); a stream still running 10 minutes past
     its TTL (600 s by default, so 20 minutes after its check) is charged the expiry
     amount and its real usage is refused as unknown. Serve longer answers? Raise
-    ``reservations.ttl_s`` above the longest, not this. Settled ids are kept 60 s: the
-    ledger's own idempotency comes from the open reservations (a second settle finds
-    none), the ids only inform a write-behind store. Charge ids (journal replays) stay
-    an hour: a replay can follow a long outage."""
+    ``reservations.ttl_s`` above the longest, not this. Settled ids are not kept at all:
+    idempotency comes from the open (and expired) reservations, which a settle removes,
+    so a second settle finds none; nothing read them (the write-behind store does not
+    write them), and 60 s of them were ~20k strings at 300 checks/s. Charge ids
+    (journal replays) stay an hour: a replay can follow a long outage.
+
+    Why no object made per request outlives it (issue 9, #7): CPython hands a 1 MiB
+    arena back only when every object in it is gone, so a few hundred objects left from
+    the last seconds of a burst of new callers keep the arenas that burst filled. The
+    deadline heap kept up to 1,024 entries of settled reservations (a tuple, its id and
+    its deadline each) until the next rebuild, which an idle ledger never reached: 21
+    arenas before 30k one-off callers, 25 after them in process. It is now rebuilt once
+    it holds :data:`STALE_DEADLINES` more entries than twice the open reservations."""
 
     confirms = True  # authz.confirm: a Check's hold waits for the gateway to use it
 
@@ -93,7 +105,6 @@ class MemoryLedger:
         self,
         clock: Clock,
         *,
-        remember_settled_s: float = 60.0,
         remember_expired_s: float = 600.0,
         remember_charges_s: float = 3600.0,
         max_remembered: int = 200_000,
@@ -103,13 +114,10 @@ class MemoryLedger:
         self._ends: list[tuple[float, str]] = []  # (window_end, key): when a counter may go
         self._open: dict[str, _Open] = {}
         self._deadlines: list[tuple[float, str]] = []
-        # Settled ids (so a repeated settle is a no-op): id -> forget_at, oldest first.
-        self._settled: dict[str, float] = {}
         # Expired reservations, so a late settle can correct the expiry charge:
         # id -> (limits, charged, forget_at). Rare, but capped all the same.
         self._expired: dict[str, tuple[tuple[Limit, ...], tuple[int, ...], float]] = {}
-        self._charges: dict[str, float] = {}  # charge id -> forget_at, like settled ids
-        self._settled_s = remember_settled_s
+        self._charges: dict[str, float] = {}  # charge id -> forget_at, oldest first
         self._expired_s = remember_expired_s
         self._charges_s = remember_charges_s
         self._cap = max_remembered
@@ -142,8 +150,10 @@ class MemoryLedger:
                     c.used = max(0, prev.used - limit.nominal)
                 else:
                     c.used = self._debts.pop(limit.carry_from, (0, 0.0))[0]
-        else:
-            c.amount = limit.amount  # a reloaded policy may change the amount
+        elif c.amount != limit.amount:  # a reloaded policy may change the amount
+            # Only then: each plan computes its amount anew, and a long-lived counter
+            # holding the last request's int would keep that int's arena (see above).
+            c.amount = limit.amount
         return c
 
     async def reserve(
@@ -184,7 +194,6 @@ class MemoryLedger:
                 if c is not None:
                     c.reserved -= held
                     c.used += spent
-            self._settled[reservation_id] = self._clock.now() + self._settled_s
             self._changed(res.keys, reservation_id)
             return SettleOutcome(settled=True)
         expired = self._expired.pop(reservation_id, None)
@@ -196,7 +205,6 @@ class MemoryLedger:
                 c = self._counters.get(lim.key)
                 if c is not None:
                     c.used += now - was
-            self._settled[reservation_id] = self._clock.now() + self._settled_s
             self._changed((lim.key for lim in limits), reservation_id)
             return SettleOutcome(settled=True, late=True)
         return SettleOutcome(settled=False)
@@ -276,15 +284,15 @@ class MemoryLedger:
                 self._debts[key] = (c.used - c.nominal, now + 40 * 86400)
         for key in [k for k, (_, forget) in self._debts.items() if forget <= now]:
             del self._debts[key]
-        _forget(self._settled, now, self._cap)
         _forget(self._expired, now, self._cap)
         _forget(self._charges, now, self._cap)
         self._counters, self._open = _compact(self._counters), _compact(self._open)
-        self._settled, self._expired = _compact(self._settled), _compact(self._expired)
+        self._expired = _compact(self._expired)
         self._charges, self._debts = _compact(self._charges), _compact(self._debts)
-        if len(self._deadlines) > 2 * len(self._open) + 1024:
+        if len(self._deadlines) > 2 * len(self._open) + STALE_DEADLINES:
             # Settled reservations leave their deadline in the heap: rebuild it from the
-            # open ones before it outgrows them.
+            # open ones before it outgrows them, and soon after traffic stops (at most
+            # once a second: O(open) each time, amortised O(1) per settle).
             self._deadlines = [(r.deadline, rid) for rid, r in self._open.items()]
             heapq.heapify(self._deadlines)
 
