@@ -106,3 +106,4 @@ def test_http_check_port_checks_keep_full_holds() -> None:
     assert check_input(http, "payload").confirmed_later is False
     http.attributes.context_extensions.clear()  # as Envoy's gRPC ext_authz sends it
     assert check_input(http, "payload").confirmed_later is True
+

@@ -24,6 +24,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
 from authz.errors import LedgerUnavailable
@@ -46,7 +47,12 @@ def load_lua(name: str) -> str:
 class RedisClient:
     def __init__(self, opts: RedisOptions) -> None:
         self.opts = opts
-        retry = Retry(ExponentialBackoff(cap=0.05, base=0.01), 2)
+        # Retried on a broken connection only, never on a timeout: a script whose reply was
+        # late may have run, and running it again is not a no-op (reserve answered
+        # "reservation id already in use", a charge or settle reported "not done" for
+        # usage that was counted once). A timeout is the breaker's to handle.
+        backoff = ExponentialBackoff(cap=0.05, base=0.01)
+        retry = Retry(backoff, 2, supported_errors=(RedisConnectionError,))
         common: dict[str, Any] = {
             "username": opts.username,
             "password": opts.password,
