@@ -64,8 +64,8 @@ async def test_bytes_per_record(tmp_path: Path) -> None:
     clock = FakeClock(START + 3600)
     with RedisServer(tmp_path) as server:
         # A measurement, not a timing test: a busy machine made a reserve miss the 0.5 s
-        # default, and the retried script then found its own record ("already in use").
-        ledger = open_ledger(f"{server.url}?lease=off&timeout=10", clock)
+        # default (and 32 connections opening at once, the 0.5 s connect timeout).
+        ledger = open_ledger(f"{server.url}?lease=off&timeout=10&connect_timeout=10", clock)
         assert isinstance(ledger, RedisLedger)
         sem = asyncio.Semaphore(32)
 
