@@ -126,12 +126,12 @@ def test_json_bomb_charges_the_reservation(ctype: str) -> None:
     t = ResponseTracker(INFO, BoundsSettings(response_decoded_bytes=2 * MIB))
     t.on_headers(200, ctype, "gzip")
     data = bomb(64 * MIB)
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time: a loaded machine stretches wall time
     tracemalloc.start()
     out = t.on_body(data, True)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert time.perf_counter() - start < 2.0
+    assert time.thread_time() - start < 2.0
     assert peak < 8 * MIB
     assert out is not None and out.usage == RESERVED and out.usage.total > 0
     assert out.bound is not None and out.bound.reason == "decoded_too_large"

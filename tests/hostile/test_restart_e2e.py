@@ -162,20 +162,31 @@ def test_stream_in_flight_at_kill9_is_charged_after_restart(
 
         def stream() -> None:
             body = {**BODY, "stream": True, "max_tokens": 40}
-            try:
-                with client.stream("POST", "/v1/chat/completions", json=body,
-                                   headers=slow) as resp:  # fmt: skip
-                    stream_remaining.append(int(resp.headers["x-ratelimit-remaining-tokens"]))
-                    for _ in resp.iter_bytes():
-                        pass
-            except httpx.HTTPError:
-                pass  # however Envoy ends it once the service is gone: it was served
+            for _ in range(5):
+                try:
+                    with client.stream("POST", "/v1/chat/completions", json=body,
+                                       headers=slow) as resp:  # fmt: skip
+                        if resp.status_code == 503:
+                            # A Check starved past Envoy's 1 s ext_authz timeout on a loaded
+                            # machine: its hold, if the service made one, is tentative and
+                            # released unconfirmed. Wait for that, then ask again.
+                            resp.read()
+                            wait_until(lambda: db_rows(workdir, "SELECT count(*) FROM open")
+                                       == [(0,)], timeout=60, what="the 503's hold released")  # fmt: skip
+                            continue
+                        assert resp.status_code == 200, resp.status_code
+                        stream_remaining.append(int(resp.headers["x-ratelimit-remaining-tokens"]))
+                        for _ in resp.iter_bytes():
+                            pass
+                except httpx.HTTPError:
+                    pass  # however Envoy ends it once the service is gone: it was served
+                return
 
         reader = threading.Thread(target=stream)
         reader.start()
         # The stream's reservation is on disk (the first chat's is settled): now kill.
-        wait_until(lambda: db_rows(workdir, "SELECT count(*) FROM open") == [(1,)],
-                   timeout=5, what="the stream's reservation on disk")  # fmt: skip
+        wait_until(lambda: bool(stream_remaining) and db_rows(workdir, "SELECT count(*) FROM open")
+                   == [(1,)], timeout=120, what="the stream admitted, its reservation on disk")  # fmt: skip
         kill9(svc)
         reader.join(30)
         assert not reader.is_alive()

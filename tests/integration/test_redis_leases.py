@@ -34,7 +34,7 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[Replicas]:
              url: str | None = None) -> list[LeasedLedger]:  # fmt: skip
         # No breaker here to journal a slow call: a busy machine's 0.5 s miss (600
         # concurrent calls) would fail what these tests prove, totals and no overshoot.
-        query += "&timeout=5"
+        query += "&timeout=5&connect_timeout=5"
         for _ in range(n):
             ledger = open_ledger(f"{url or redis_server.url}?{query}", clock or FakeClock())
             assert isinstance(ledger, LeasedLedger)

@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -198,22 +198,32 @@ async def test_a_slow_disk_never_blocks_checks(
     ledger = _open(tmp_path, clock)
     real_write = ledger._file.write
 
+    release = threading.Event()
+
     def slow(rows: object, now: float) -> None:
-        time.sleep(1.0)  # on the flush thread
+        release.wait(60)  # on the flush thread: a write that takes until the test ends it
         real_write(rows, now)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ledger._file, "write", slow)
     await ledger.reserve("warm", (org,), tok(1), deadline=clock.now() + 60, expiry_charge=tok(0))
     flushing = asyncio.create_task(ledger.flush())
     await asyncio.sleep(0)  # the write is now on the thread
-    started = time.monotonic()
-    for i in range(200):
-        res = await ledger.reserve(f"r{i}", (org,), tok(1), deadline=clock.now() + 60,
-                                   expiry_charge=tok(0))  # fmt: skip
-        assert isinstance(res, Reservation)
-        await asyncio.sleep(0)
-    assert time.monotonic() - started < 0.5  # the 1 s write held none of them
-    assert not flushing.done()
+
+    async def reserves() -> None:
+        for i in range(200):
+            res = await ledger.reserve(f"r{i}", (org,), tok(1), deadline=clock.now() + 60,
+                                       expiry_charge=tok(0))  # fmt: skip
+            assert isinstance(res, Reservation)
+            await asyncio.sleep(0)
+
+    try:
+        # All 200 while the write is still running: none of them waits for it (if one
+        # did, this would time out, the write being held until the end).
+        await asyncio.wait_for(reserves(), timeout=30)
+        assert not flushing.done()
+    finally:
+        release.set()
+        await flushing
     assert await flushing
     await ledger.close()  # writes the 200 taken while the disk was slow
     ledger = _open(tmp_path, clock)
