@@ -32,5 +32,6 @@ build = {
     ["kong.plugins.token-budget.check"] = "plugins/token-budget/check.lua",
     ["kong.plugins.token-budget.client"] = "plugins/token-budget/client.lua",
     ["kong.plugins.token-budget.settle"] = "plugins/token-budget/settle.lua",
+    ["kong.plugins.token-budget.usage_chunk"] = "plugins/token-budget/usage_chunk.lua",
   },
 }

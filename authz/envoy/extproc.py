@@ -26,7 +26,6 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from authz.apis import Api
 from authz.enforcer import Enforcer
 from authz.envoy.stream_metadata import (
     AUTHZ_NS,
@@ -43,7 +42,7 @@ from authz.envoy.stream_replies import (
     usage_metadata,
 )
 from authz.handles import HandleKeys, SettleRefusal
-from authz.mutate.request import CapUnwritable, RequestChanges, rewrite_request
+from authz.mutate.request import USAGE_APIS, CapUnwritable, RequestChanges, rewrite_request
 from authz.mutate.response import UsageChunkRemover, usage_remover
 from authz.offload import INLINE_BYTES, run_off_loop
 from authz.proto import external_processor_pb2 as pb
@@ -63,7 +62,7 @@ _MODES = {
 }
 _CONTINUE_BODY = pb.BodyResponse()
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
-_STREAMABLE = (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS)
+_STREAMABLE = USAGE_APIS
 
 
 class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
@@ -193,6 +192,16 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             return False
         return True
 
+    async def release_uncapped(self, info: ReservationInfo) -> None:
+        """Give back the reservation of a request refused because its output cap could
+        not be written (here, or by the HTTP check for a gateway: authz/httpcheck)."""
+        try:
+            await self._enforcer.release(info.reservation_id)
+            self._metrics.settled("released")
+        except Exception:  # the 429 goes out regardless; the reservation expires
+            log.exception("release of %s failed", info.reservation_id)
+            self._metrics.settled("failed")
+
     async def _request_body(
         self, req: pb.ProcessingRequest, info: ReservationInfo | None, changes: RequestChanges
     ) -> pb.ProcessingResponse:
@@ -217,12 +226,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             # Never upstream uncapped: it could spend past the hard budget. Refuse and
             # give the reservation back (nothing reached the model).
             changes.refused = True
-            try:
-                await self._enforcer.release(info.reservation_id)
-                self._metrics.settled("released")
-            except Exception:  # the 429 goes out regardless; the reservation expires
-                log.exception("release of %s failed", info.reservation_id)
-                self._metrics.settled("failed")
+            await self.release_uncapped(info)
             return uncapped_refusal(info)
         if rewritten is None:
             return pb.ProcessingResponse(request_body=_CONTINUE_BODY)

@@ -14,14 +14,20 @@ from authz.proto import base_pb2, http_status_pb2
 from authz.proto import external_processor_pb2 as pb
 from authz.settle import Outcome, ReservationInfo
 
-__all__ = ["continue_message", "settled_cost", "uncapped_refusal", "usage_metadata"]
+__all__ = [
+    "continue_message",
+    "settled_cost",
+    "uncapped_denial",
+    "uncapped_refusal",
+    "usage_metadata",
+]
 
 _USAGE_NS = "authz.usage"
 _CONTINUE_BODY = pb.BodyResponse()
 
 
-def uncapped_refusal(info: ReservationInfo) -> pb.ProcessingResponse:
-    """A 429 in the provider's error format, for a cap that could not be written."""
+def uncapped_denial(info: ReservationInfo) -> tuple[list[tuple[str, str]], bytes]:
+    """The headers and body of the 429 for a cap that could not be written."""
     cap = info.output_cap
     message = (
         f"This request fits the remaining budget only with its output limited to {cap} "
@@ -32,6 +38,12 @@ def uncapped_refusal(info: ReservationInfo) -> pb.ProcessingResponse:
                  message, api=info.api)  # fmt: skip
     headers = [("content-type", "application/json"), ("x-authz-reason", d.reason or ""),
                ("x-authz-max-tokens", str(cap)), ("x-should-retry", "false")]  # fmt: skip
+    return headers, error_body(d, "")
+
+
+def uncapped_refusal(info: ReservationInfo) -> pb.ProcessingResponse:
+    """A 429 in the provider's error format, for a cap that could not be written."""
+    headers, body = uncapped_denial(info)
     mutation = pb.HeaderMutation(
         set_headers=[
             base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()))
@@ -42,7 +54,7 @@ def uncapped_refusal(info: ReservationInfo) -> pb.ProcessingResponse:
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=429),  # type: ignore[arg-type]
             headers=mutation,
-            body=error_body(d, ""),
+            body=body,
             details="authz_output_cap_unwritable",
         )
     )

@@ -39,6 +39,7 @@ from authz.envoy.extproc import ExternalProcessorServicer
 from authz.errors import AddressInUse, AuthzError
 from authz.handles import HandleKeys, SettleRefusal
 from authz.httpcheck.check import check_request, http_answer, original_path
+from authz.httpcheck.rewrite import gateway_cut, rewrite_answer, wants_rewrite
 from authz.httpcheck.settle import BadSettle, outcome_of, parse_settle, verify
 from authz.httpcheck.tls import ReloadingContext
 from authz.policy.store import PolicyStore
@@ -133,7 +134,13 @@ class CheckHttpServer:
             resp = await self._checks.Check(msg, cast(Any, context))
         except _Gone:  # gone, or too late: the reservation is released (Unanswered)
             return _text(504, "decided too late: the gateway no longer waits")
-        status, headers, payload = http_answer(resp)
+        answer_ = http_answer(resp)
+        if wants_rewrite(request.headers):  # Kong: the body to send upstream (rewrite.py)
+            add_usage = self._store.current.requests.add_stream_usage
+            complete = whole and not gateway_cut(request.headers)
+            answer_ = await rewrite_answer(answer_, body, complete, add_usage,
+                                           self._extproc.release_uncapped)  # fmt: skip
+        status, headers, payload = answer_
         answer = web.Response(status=status, body=payload or None)
         for key, value in headers:
             answer.headers.add(key, value)

@@ -21,6 +21,7 @@ from authz.apis import Api
 
 __all__ = [
     "REWRITE_MAX_BYTES",
+    "USAGE_APIS",
     "CapUnwritable",
     "RequestChanges",
     "cap_fields",
@@ -49,6 +50,8 @@ REWRITE_MAX_BYTES = 1024 * 1024
 # Every output limit any of these APIs documents: an OpenAI-compatible upstream may obey
 # any of them (authz.estimate reserves the largest), so each one present is lowered.
 _LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# The APIs whose streams report usage only when asked (stream_options.include_usage).
+USAGE_APIS = (Api.OPENAI_CHAT, Api.OPENAI_COMPLETIONS)
 # The field added when the body names none. Chat: max_completion_tokens, OpenAI's
 # current field; reasoning models (o1, o3, ...) reject max_tokens, and every current
 # chat model takes max_completion_tokens.

@@ -2,9 +2,12 @@
 
 Core kinds: the Kubernetes OpenAPI schemas that kubernetes-validate ships (1.37,
 strict: unknown fields fail, as `kubectl apply --validate=strict` does). Custom
-resources: the CRD excerpts in tests/fixtures/k8s/crd-schemas.yaml. The scan is
-checkov (its own venv, .venv-checkov, made by scripts/test): every finding fails the
-test unless it is accepted below, with its reason.
+resources: their projects' own schemas, from the pinned @kubernetes-models npm packages
+(tests/deploy/crd_models.py: JSON-schema validation, and unknown fields found by
+TypeScript's excess-property check); IstioOperator's meshConfig, which no CRD
+describes, against tests/fixtures/k8s/meshconfig-excerpt.yaml. The scan is checkov
+(its own venv, .venv-checkov, made by scripts/test): every finding fails the test
+unless it is accepted below, with its reason.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.deploy.crd_models import OPEN_SPEC, schema_errors, type_errors
 from tests.deploy.render import K8S, OVERLAYS, ROOT, find, render, render_text
 
 pytestmark = pytest.mark.deploy
 K8S_VERSION = "1.37.0"
-CRDS = ROOT / "tests" / "fixtures" / "k8s" / "crd-schemas.yaml"
+MESH_EXCERPT = ROOT / "tests" / "fixtures" / "k8s" / "meshconfig-excerpt.yaml"
 CHECKOV = ROOT / ".venv-checkov" / "bin" / "checkov"
+MESH_CONFIG = K8S / "overlays" / "istio" / "mesh-config.yaml"
 
 # Findings we accept, and why. Anything else checkov reports fails the test.
 ACCEPTED = {
@@ -43,55 +48,107 @@ ACCEPTED = {
 }
 
 
-@cache
-def crd_schemas() -> dict[str, Any]:
-    return dict(yaml.safe_load(CRDS.read_text()))
-
-
-def validate_custom(obj: dict[str, Any]) -> None:
-    doc = crd_schemas()
-    key = f"{obj['apiVersion']}/{obj['kind']}"
-    assert key in doc["kinds"], f"no schema for {key}: add its excerpt to {CRDS.name}"
-    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}, sorted(obj)
-    assert isinstance(obj["metadata"].get("name"), str)
-    schema = {"$defs": doc["$defs"], **doc["kinds"][key]}
-    jsonschema.validate(obj.get("spec", {}), schema, cls=jsonschema.Draft202012Validator)
-
-
-def validate(obj: dict[str, Any]) -> None:
+def is_core(obj: dict[str, Any]) -> bool:
     try:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     except kubernetes_validate.SchemaNotFoundError:
-        validate_custom(obj)
+        return False
+    return True
+
+
+def custom_errors(objs: list[dict[str, Any]], workdir: Path) -> list[list[str]]:
+    """What the projects' schemas say is wrong with each custom resource ([]: valid)."""
+    found = schema_errors(objs)
+    typed = [i for i, o in enumerate(objs) if f"{o['apiVersion']}/{o['kind']}" not in OPEN_SPEC]
+    for i, errors in zip(typed, type_errors([objs[i] for i in typed], workdir), strict=True):
+        found[i] += errors
+    for i, obj in enumerate(objs):
+        if obj["kind"] == "IstioOperator":
+            found[i] += mesh_errors(obj)
+    return found
+
+
+@cache
+def _mesh_schema() -> dict[str, Any]:
+    return dict(yaml.safe_load(MESH_EXCERPT.read_text()))
+
+
+def mesh_errors(obj: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft202012Validator(_mesh_schema())
+    return [e.message for e in validator.iter_errors(obj.get("spec", {}))]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_object_matches_its_schema(overlay: str) -> None:
+def test_every_core_object_matches_its_schema(overlay: str) -> None:
     objs = render(overlay)
     assert objs
-    for obj in objs:
-        validate(obj)
+    core = [o for o in objs if is_core(o)]  # each core kind validated, strictly
+    assert core
 
 
-def test_istio_mesh_config_matches_its_schema() -> None:
-    validate_custom(yaml.safe_load((K8S / "overlays" / "istio" / "mesh-config.yaml").read_text()))
+def _custom_resources() -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for overlay in OVERLAYS:
+        for obj in render(overlay):
+            if not is_core(obj):
+                seen.setdefault(json.dumps(obj, sort_keys=True), obj)
+    seen["mesh"] = yaml.safe_load(MESH_CONFIG.read_text())
+    return list(seen.values())
 
 
-def test_the_schemas_catch_a_misspelt_field() -> None:
+def test_every_custom_resource_matches_its_projects_schema(tmp_path: Path) -> None:
+    objs = _custom_resources()
+    kinds = {f"{o['apiVersion']}/{o['kind']}" for o in objs}
+    assert {"networking.istio.io/v1alpha3/EnvoyFilter", "security.istio.io/v1/AuthorizationPolicy",
+            "gateway.envoyproxy.io/v1alpha1/EnvoyExtensionPolicy",
+            "gateway.envoyproxy.io/v1alpha1/SecurityPolicy",
+            "monitoring.coreos.com/v1/ServiceMonitor"} <= kinds  # fmt: skip
+    bad = {f"{o['kind']}/{o['metadata']['name']}": e
+           for o, e in zip(objs, custom_errors(objs, tmp_path), strict=True) if e}  # fmt: skip
+    assert not bad, json.dumps(bad, indent=1)
+
+
+def _broken() -> list[tuple[str, dict[str, Any]]]:
+    """One mistake each: a misspelt field, a wrong enum, a missing required field."""
+    istio, eg = render("overlays/istio"), render("overlays/envoy-gateway")
+    out = []
+    ext = copy.deepcopy(find(eg, "EnvoyExtensionPolicy", "authz-token-budget"))
+    ext["spec"]["extProc"][0]["failopen"] = True
+    out.append(("misspelt extProc field", ext))
+    ext = copy.deepcopy(find(eg, "EnvoyExtensionPolicy", "authz-token-budget"))
+    ext["spec"]["extProc"][0]["processingMode"]["response"]["body"] = "STREAMED"
+    out.append(("processing mode enum", ext))
+    sec = copy.deepcopy(find(eg, "SecurityPolicy", "authz-token-budget"))
+    sec["spec"]["extAuth"]["grpc"]["backendRefs"][0]["prot"] = 9191
+    out.append(("misspelt backendRef field", sec))
+    flt = copy.deepcopy(find(istio, "EnvoyFilter", "authz-ext-proc"))
+    flt["spec"]["configPatches"][0]["patch"]["operation"] = "INSERT_BEFOR"
+    out.append(("EnvoyFilter operation enum", flt))
+    flt = copy.deepcopy(find(istio, "EnvoyFilter", "authz-ext-proc"))
+    flt["spec"]["configPatches"][0]["match"]["listener"]["filterchain"] = {}
+    out.append(("EnvoyFilter misspelt match field", flt))
+    pol = copy.deepcopy(find(istio, "AuthorizationPolicy", "authz-token-budget"))
+    pol["spec"]["action"] = "CUSTOMISED"
+    out.append(("AuthorizationPolicy action enum", pol))
+    mon = copy.deepcopy(find(render("base"), "ServiceMonitor", "authz"))
+    mon["spec"]["endpoints"][0]["intervall"] = "30s"
+    out.append(("ServiceMonitor misspelt endpoint field", mon))
+    mesh = yaml.safe_load(MESH_CONFIG.read_text())
+    mesh["spec"]["meshConfig"]["extensionProviders"][0]["envoyExtAuthzGrpc"]["failopen"] = False
+    out.append(("meshConfig misspelt field", mesh))
+    return out
+
+
+def test_the_schemas_catch_a_misspelt_field(tmp_path: Path) -> None:
     """The check is strict: a field in the wrong place fails, core kind or CRD."""
     deploy = copy.deepcopy(find(render("base"), "Deployment", "authz"))
     deploy["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deploy, K8S_VERSION, strict=True)
-    objs = render("overlays/istio")
-    policy = copy.deepcopy(find(objs, "AuthorizationPolicy", "authz-token-budget"))
-    del policy["spec"]["provider"]  # CUSTOM without its provider
-    with pytest.raises(jsonschema.ValidationError):
-        validate_custom(policy)
-    ext = copy.deepcopy(find(render("overlays/envoy-gateway"), "EnvoyExtensionPolicy", "authz-token-budget"))
-    ext["spec"]["extProc"][0]["processingMode"]["response"]["body"] = "STREAMED"
-    with pytest.raises(jsonschema.ValidationError):
-        validate_custom(ext)
+    broken = _broken()
+    errors = custom_errors([obj for _, obj in broken], tmp_path)
+    missed = [what for (what, _), e in zip(broken, errors, strict=True) if not e]
+    assert not missed, missed
 
 
 def checkov_findings(folder: Path) -> list[dict[str, Any]]:

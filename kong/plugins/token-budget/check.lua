@@ -9,6 +9,7 @@ local io_open = io.open
 local lower = string.lower
 local find = string.find
 local type = type
+local tonumber = tonumber
 
 local _M = {}
 
@@ -33,6 +34,10 @@ local FRAMING = {
 }
 
 local HANDLE = "x-authz-handle"
+-- Answer headers for us alone (authz/httpcheck/rewrite.py): what to do with the body.
+local REQUEST_BODY = "x-authz-request-body"
+local USAGE_ADDED = "x-authz-usage-added"
+local MAX_TOKENS = "x-authz-max-tokens"
 
 function _M.is_ours(name)
   return find(lower(name), "x-authz-", 1, true) == 1
@@ -104,6 +109,9 @@ function _M.request_headers(partial)
   if partial then
     out["x-envoy-auth-partial-body"] = "true"
   end
+  -- Without ext_proc, the service hands us the body to send upstream: the output
+  -- limit it admitted the request with, and include_usage on OpenAI streams.
+  out["x-authz-rewrite-body"] = "true"
   return out
 end
 
@@ -134,8 +142,13 @@ function _M.denial_headers(headers)
   return out
 end
 
--- An allow: x-authz-handle stays with us; x-ratelimit-* and the budget notes go to
--- the client; the other x-authz-* headers go upstream; the rest is the service's own.
+-- An allow: x-authz-handle and what to do with the body stay with us; x-ratelimit-*
+-- and the budget notes go to the client; the other x-authz-* headers go upstream; the
+-- rest is the service's own.
+--   answer.body       "rewritten" (the answer's body is the request body to send),
+--                     "unchanged", or nil (a service that did not say)
+--   answer.usage_added the service asked for include_usage: take its chunk out again
+--   answer.cap        the output limit the request was admitted with (a number), or nil
 function _M.split_allow(headers)
   local answer = { upstream = {}, client = {}, handle = nil }
   for name, value in pairs(headers) do
@@ -143,7 +156,14 @@ function _M.split_allow(headers)
     value = single(value)
     if key == HANDLE then
       answer.handle = value
+    elseif key == REQUEST_BODY then
+      answer.body = value
+    elseif key == USAGE_ADDED then
+      answer.usage_added = value == "true"
     elseif is_ratelimit(key) or TO_CLIENT[key] then
+      if key == MAX_TOKENS then
+        answer.cap = tonumber(value)
+      end
       answer.client[key] = value
     elseif _M.is_ours(key) then
       answer.upstream[key] = value

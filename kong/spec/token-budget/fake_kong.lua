@@ -85,6 +85,10 @@ function M.install(req, service)
     service = { request = {
       set_header = function(k, v) rec.upstream_set[k:lower()] = v end,
       clear_header = function(k) rec.upstream_cleared[k:lower()] = true end,
+      set_raw_body = function(body)
+        if rec.set_body_error then error(rec.set_body_error) end
+        rec.upstream_body = body
+      end,
     } },
     response = {
       exit = function(status, body, hdrs)
@@ -92,6 +96,7 @@ function M.install(req, service)
         return rec.exit
       end,
       set_header = function(k, v) rec.response_set[k:lower()] = v end,
+      clear_header = function(k) rec.response_cleared = k:lower() end,
       get_status = function() return rec.status or 200 end,
       get_header = function(k) return (rec.response_headers or {})[k:lower()] end,
     },
@@ -123,7 +128,7 @@ function M.install(req, service)
     parse_pem_cert = function(pem) return { cert = pem } end,
     parse_pem_priv_key = function(pem) return { key = pem } end,
   }
-  for _, mod in ipairs({ "handler", "check", "client", "settle" }) do
+  for _, mod in ipairs({ "handler", "check", "client", "settle", "usage_chunk" }) do
     package.loaded["kong.plugins.token-budget." .. mod] = nil
   end
   return rec

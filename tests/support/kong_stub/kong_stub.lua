@@ -61,6 +61,7 @@ local response = {
     return value
   end,
   set_header = function(name, value) ngx.header[name] = value end,
+  clear_header = function(name) ngx.header[name] = nil end,
   add_header = function(name, value)
     local old = ngx.header[name]
     if old == nil then
@@ -89,6 +90,11 @@ local response = {
 local service_request = {
   set_header = function(name, value) ngx.req.set_header(name, value) end,
   clear_header = function(name) ngx.req.clear_header(name) end,
+  -- As Kong's: the body read, then replaced (nginx sets the new Content-Length).
+  set_raw_body = function(body)
+    ngx.req.read_body()
+    ngx.req.set_body_data(body)
+  end,
 }
 
 -- kong.ctx.plugin: one table per request, shared by the phases of that request.
