@@ -54,10 +54,12 @@ def plan_limits(
             if price is None:
                 raise Unpriced(model or "")
             weights = price.weights()
-        carry = f"{b.name}|{node}|{int(prev)}" if b.burst else None
+        carries = bool(b.burst or b.rollover)
+        carry = f"{b.name}|{node}|{int(prev)}" if carries else None
         limit = Limit(
             f"{b.name}|{node}|{int(start)}", b.name, node, b.tokens + b.soft_grace + b.burst,
-            end, weights, carry_from=carry, nominal=b.tokens if b.burst else 0,
+            end, weights, carry_from=carry, nominal=b.tokens if carries else 0,
+            rollover=b.rollover, inherit=inherited(b, node, start, windows), enforce=b.enforce,
         )  # fmt: skip
         planned.append(PlannedLimit(limit, False, b))
     for r in policy.rates_for(subject):
@@ -77,6 +79,17 @@ def plan_limits(
                           per_request=per_request)  # fmt: skip
         planned.append(PlannedLimit(limit, True))
     return tuple(planned)
+
+
+def inherited(b: Budget, node: str, start: float, windows: PeriodWindows) -> str | None:
+    """The counter a budget's window continues after an edit (issue 16): the same window
+    under the name it had (``renamed_from``), or the old timezone's window of the moment
+    a reload changed the timezone. None when the key did not change."""
+    old_start = windows.replaced_start(b.period, start)
+    if b.renamed_from is None and old_start is None:
+        return None
+    name = b.renamed_from or b.name
+    return f"{name}|{node}|{int(start if old_start is None else old_start)}"
 
 
 class LimitPlanner:

@@ -94,8 +94,10 @@ class Enforcer:
                 self._retired.append(old)
             else:
                 self._warming = loop.create_task(self._swap_authenticator(old))
-        if policy.timezone != self._policy.timezone:
-            self._windows = PeriodWindows(policy.timezone)
+        if policy.timezone != self._policy.timezone:  # windows go on (issue 16)
+            self._windows = PeriodWindows(
+                policy.timezone, previous=self._policy.timezone, since=self._clock.now()
+            )
         self._policy = policy
 
     @property

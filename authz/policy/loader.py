@@ -37,6 +37,7 @@ from authz.policy.loader_admission import (
     parse_rates,
     parse_schedule,
 )
+from authz.policy.loader_budgets import BUDGET_KEYS, check_renames, with_budget_keys
 from authz.policy.loader_caps import CAP_KEYS, with_caps
 from authz.policy.loader_observability import parse_alerts, parse_audit
 from authz.policy.loader_requests import parse_unmetered
@@ -304,7 +305,8 @@ def _budget(r: _Reader, raw: Any, p: str, weights: Weights) -> Budget:
     m = r.mapping(
         raw,
         p,
-        {"name", "match", "tokens", "cost", "period", "weights", "soft", "burst", *CAP_KEYS},
+        {"name", "match", "tokens", "cost", "period", "weights", "soft", "burst", *CAP_KEYS}
+        | set(BUDGET_KEYS),
         {"name", "match", "period"},
     )
     name = r.string(m["name"], f"{p}.name", r"[A-Za-z0-9_.:-]+")
@@ -429,7 +431,13 @@ def parse_policy(data: Any, file: str) -> Policy:
         r.fail("timezone", "is not a known IANA timezone", tz_name)
     base = Path(file).parent
     weights = _weights(r, top.get("weights", {}), "weights", Weights())
-    budgets = r.items(top["budgets"], "budgets", lambda v, p: with_caps(r, v, p, weights, _budget))
+    budgets = r.items(
+        top["budgets"],
+        "budgets",
+        lambda v, p: with_budget_keys(
+            r, v, p, weights, lambda r, v, p, w: with_caps(r, v, p, w, _budget)
+        ),
+    )
     seen: dict[str, int] = {}
     for i, b in enumerate(budgets):
         if b.name in seen:
@@ -439,6 +447,7 @@ def parse_policy(data: Any, file: str) -> Policy:
                 b.name,
             )
         seen[b.name] = i
+    check_renames(r, budgets)
     rates = parse_rates(r, top.get("rates"))
     for i, rate in enumerate(rates):
         if rate.name in seen:

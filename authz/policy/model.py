@@ -138,6 +138,12 @@ class Budget:
     # is left ("cap"), if at least min_output_tokens fit; or refuse it ("deny").
     over_reserve: Literal["cap", "deny"] = "cap"
     min_output_tokens: int = 256
+    # Issue 16 (authz.policy.loader_budgets): the name this budget had before, whose
+    # current window it continues; False: count and report, never refuse (audit only);
+    # units of the last period's unused amount the next period may add (rollover).
+    renamed_from: str | None = None
+    enforce: bool = True
+    rollover: int = 0
 
     def applies_to(self, path: SubjectPath) -> bool:
         for level, want in self.match:
