@@ -25,9 +25,9 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from authz.policy.loader_admission import Reader, amount_or_share
-from authz.policy.model import Budget, Weights
+from authz.policy.model import Budget, Policy, Weights
 
-__all__ = ["BUDGET_KEYS", "check_renames", "with_budget_keys"]
+__all__ = ["BUDGET_KEYS", "applied_renames", "check_renames", "with_budget_keys"]
 
 BUDGET_KEYS = ("renamed_from", "enforce", "rollover")
 _NAME = r"[A-Za-z0-9_.:-]+"
@@ -72,3 +72,18 @@ def check_renames(r: Reader, budgets: tuple[Budget, ...]) -> None:
         if old in taken:
             r.fail(p, f"budgets[{taken[old]}] is renamed from it already", old)
         taken[old] = i
+
+
+def applied_renames(policy: Policy, previous: Policy) -> Policy:
+    """``policy`` without the ``renamed_from`` of budgets the previous policy already
+    had under their new name: that rename was applied by an earlier reload, and the
+    window's counter goes on under the new name (another edit, e.g. of the timezone,
+    must continue that counter, not the one of the old name)."""
+    names = {b.name for b in previous.budgets}
+    if not any(b.renamed_from is not None and b.name in names for b in policy.budgets):
+        return policy
+    budgets = tuple(
+        replace(b, renamed_from=None) if b.renamed_from is not None and b.name in names else b
+        for b in policy.budgets
+    )
+    return replace(policy, budgets=budgets)

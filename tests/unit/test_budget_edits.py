@@ -159,3 +159,20 @@ async def test_rollover_carries_the_unused_part_capped(tmp_path: Path, clock: Fa
     await env.spend(100)  # 1000 of its nominal unused: carried up to 250
     clock.advance(86400)
     assert await env.remaining() == 1000 + 250
+
+
+async def test_a_rename_is_applied_once_and_later_edits_continue_the_new_counter(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    env = Env(tmp_path / "p.yaml", clock, policy())
+    await env.spend(300)
+    env.reload(policy(tz="Asia/Tokyo", name="n", extra=", renamed_from: daily"))
+    await env.spend(100)
+    clock.advance(60)
+    # Back to UTC, renamed_from still in the file: the Tokyo window of "n" goes on (the
+    # rename was applied by the last reload), not the UTC window of "daily".
+    env.reload(policy(name="n", extra=", renamed_from: daily"))
+    assert env.store.current.budgets[0].renamed_from is None
+    assert await env.remaining() == 1000 - 400
+    await env.spend(50)
+    assert await env.remaining() == 1000 - 450
