@@ -191,6 +191,10 @@ class Enforcer:
                     model=model,
                 )
             tokens = TokenUsage(estimate.input_tokens, 0, default if output is None else output)
+        refused = policy.access.refusal(subject, model)  # before anything is reserved
+        if refused is not None:
+            return Decision(Verdict.DENY, 403, DenyReason.MODEL_NOT_ALLOWED, "model_not_allowed",
+                            refused, subject=subject, api=api, model=model)  # fmt: skip
         deferred = await self._off_peak(policy, subject, api, model)
         if deferred is not None:
             return deferred

@@ -29,6 +29,7 @@ from authz.ledger.redis.config import parse_redis_url, redact_url
 from authz.ledger.sqlite import parse_sqlite_url
 from authz.policy.bounds import parse_bounds
 from authz.policy.ledger_settings import parse_breaker
+from authz.policy.loader_access import parse_access
 from authz.policy.loader_admission import (
     amount_or_share,
     parse_match,
@@ -419,6 +420,7 @@ def parse_policy(data: Any, file: str) -> Policy:
             "audit",
             "alerts",
             "bounds",
+            "access",
         },
         {"version", "identity", "subject", "budgets"},
     )
@@ -496,6 +498,7 @@ def parse_policy(data: Any, file: str) -> Policy:
         audit=parse_audit(r, top["audit"], base) if "audit" in top else AuditPolicy(),
         alerts=parse_alerts(r, top["alerts"]) if "alerts" in top else AlertPolicy(),
         bounds=parse_bounds(r, top.get("bounds", {})),
+        access=parse_access(r, top.get("access")),
     )
 
 

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 from authz.identity.settings import IdentitySettings
 from authz.paths import PathRule
+from authz.policy.access import ModelAccess
 from authz.policy.admission import Pricing, QueuePolicy, Rate, Schedule, matches
 from authz.policy.bounds import BoundsSettings
 from authz.policy.ledger_settings import BreakerSettings
@@ -240,6 +241,7 @@ class Policy:
     audit: AuditPolicy = field(default_factory=AuditPolicy)
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
     bounds: BoundsSettings = field(default_factory=BoundsSettings)  # see policy/bounds.py
+    access: ModelAccess = field(default_factory=ModelAccess)  # see policy/access.py
     # Per-path memos (bounded, and forgotten when idle: authz.recent).
     _cache: Recent[tuple[Node, ...], tuple[Budget, ...]] = field(
         default_factory=Recent, compare=False, repr=False
