@@ -1,4 +1,5 @@
-"""Validation of the budget keys of issue 16: ``renamed_from``, ``enforce``, ``rollover``.
+"""Validation of the budget keys of issue 16: ``renamed_from``, ``enforce``, ``rollover``,
+``group``.
 
 - ``renamed_from: <old name>``: the budget was called that before. A budget's counter is
   keyed by its name, its node and its window's start, so a plain rename would open a
@@ -11,6 +12,9 @@
   period, up to ``max`` (units, or a share of the amount); the mirror of ``burst``,
   whose overdraft the next period pays back. A rollover budget carries its balance both
   ways: an overdraft (``soft`` grace) is paid back too.
+- ``group: {project: apollo}``: one counter shared by every caller whose claims hold
+  those values, across departments and teams (:mod:`authz.groups`); ``match`` still
+  says where in the tree (``{org: "*"}``: anywhere). Counted per org.
 
 Kept apart from :mod:`authz.policy.loader` as :mod:`authz.policy.loader_caps` is: the
 loader hands each budget's raw mapping here and lists these keys as allowed. Errors read
@@ -29,7 +33,7 @@ from authz.policy.model import Budget, Policy, Weights
 
 __all__ = ["BUDGET_KEYS", "applied_renames", "check_renames", "with_budget_keys"]
 
-BUDGET_KEYS = ("renamed_from", "enforce", "rollover")
+BUDGET_KEYS = ("renamed_from", "enforce", "rollover", "group")
 _NAME = r"[A-Za-z0-9_.:-]+"
 R = TypeVar("R", bound=Reader)
 Parse = Callable[[R, Any, str, Weights], Budget]
@@ -54,7 +58,24 @@ def with_budget_keys(r: R, raw: Any, p: str, weights: Weights, parse: Parse[R]) 
         rollover = amount_or_share(r, m["max"], f"{p}.rollover.max", budget.tokens)
         if rollover == 0:
             r.fail(f"{p}.rollover.max", "must be more than 0 (leave rollover out)", m["max"])
-    return replace(budget, renamed_from=renamed, enforce=enforce, rollover=rollover)
+    group = _group(r, raw["group"], f"{p}.group") if "group" in raw else ()
+    return replace(budget, renamed_from=renamed, enforce=enforce, rollover=rollover,
+                   group=group, level="group" if group else budget.level)  # fmt: skip
+
+
+def _group(r: Reader, raw: Any, p: str) -> tuple[tuple[str, str], ...]:
+    """``{claim: value, ...}``: every member's claims hold each value (a list claim: among
+    its items). Values are compared as strings, as claims are (``1`` matches ``"1"``)."""
+    if not isinstance(raw, dict) or not raw:
+        r.fail(p, "must be a mapping of claim names to values, e.g. {project: apollo}", raw)
+    pairs = []
+    for claim, value in raw.items():
+        if not isinstance(claim, str) or not claim:
+            r.fail(p, "claim names must be non-empty strings", claim)
+        if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+            r.fail(f"{p}.{claim}", "must be a non-empty string or a number", value)
+        pairs.append((claim, str(value)))
+    return tuple(sorted(pairs))
 
 
 def check_renames(r: Reader, budgets: tuple[Budget, ...]) -> None:

@@ -145,6 +145,9 @@ class Budget:
     renamed_from: str | None = None
     enforce: bool = True
     rollover: int = 0
+    # A shared group (authz.groups): claims every member has; one counter per org for
+    # all of them, whatever their place in the tree (level is then "group").
+    group: tuple[tuple[str, str], ...] = ()
 
     def applies_to(self, path: SubjectPath) -> bool:
         for level, want in self.match:

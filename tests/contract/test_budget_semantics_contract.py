@@ -150,3 +150,33 @@ async def test_no_previous_window_carries_nothing(env: tuple[Ledger, FakeClock])
     out = await ledger.reserve("d2", (_day(2, clock, 50),), tok(100), deadline=clock.now() + 50,
                                expiry_charge=tok(0))  # fmt: skip
     assert isinstance(out, Reservation) and out.remaining == (0,)
+
+
+# -- a group's counter beside the tree's -------------------------------------------------
+
+
+async def test_a_group_counter_is_held_with_the_tree_all_or_nothing(
+    env: tuple[Ledger, FakeClock],
+) -> None:
+    """Two members in different departments share ``org:acme/group:apollo``: the same org
+    (cluster slot) as their tree counters, so one reserve covers all of them."""
+    ledger, clock = env
+
+    def at(node: str, amount: int) -> Limit:
+        name = node.rsplit("/", 1)[-1].split(":")[0]
+        return Limit(f"{name}|{node}|0", name, node, amount, clock.now() + 3600, ONE)
+
+    group = at("org:acme/group:apollo", 100)
+    ann = (at("org:acme/department:research/user:ann", 1000), group)
+    bob = (at("org:acme/department:sales/user:bob", 1000), group)
+    a = await ledger.reserve(f"{1:032x}@acme", ann, tok(70), deadline=clock.now() + 60,
+                             expiry_charge=tok(0))  # fmt: skip
+    assert isinstance(a, Reservation) and a.remaining == (930, 30)
+    b = await ledger.reserve(f"{2:032x}@acme", bob, tok(40), deadline=clock.now() + 60,
+                             expiry_charge=tok(0))  # fmt: skip
+    assert isinstance(b, Refusal) and b.limit.key == group.key and b.remaining == 30
+    assert (await ledger.balance(bob[0])).reserved == 0  # nothing held on bob's own counter
+    assert (await ledger.settle(f"{1:032x}@acme", tok(50))).settled
+    c = await ledger.reserve(f"{3:032x}@acme", bob, tok(40), deadline=clock.now() + 60,
+                             expiry_charge=tok(0))  # fmt: skip
+    assert isinstance(c, Reservation) and c.remaining == (960, 10)
