@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,3 +70,16 @@ def test_bad_keys_name_file_path_and_value(budgets: str) -> None:
     with pytest.raises(PolicyError) as err:
         load(budgets)
     assert str(err.value) == f"p.yaml:{BAD[budgets]}"
+
+
+def test_every_snippet_of_the_budgets_doc_loads() -> None:
+    """docs/budgets.md shows the snippet that turns each feature on: each must load."""
+    doc = (Path(__file__).parents[2] / "docs" / "budgets.md").read_text()
+    snippets = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    assert len(snippets) == 5
+    for text in snippets:
+        if text.startswith("access:"):
+            text += "budgets: []\n"
+        elif not text.startswith("budgets:"):
+            text = "budgets:\n" + text
+        assert parse_policy(yaml.safe_load(HEAD + text), "doc").budgets is not None
