@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from authz.audit.trail import budget_changes
 from authz.errors import PolicyError
 from authz.policy.loader import parse_policy
 
@@ -83,3 +84,11 @@ def test_every_snippet_of_the_budgets_doc_loads() -> None:
         elif not text.startswith("budgets:"):
             text = "budgets:\n" + text
         assert parse_policy(yaml.safe_load(HEAD + text), "doc").budgets is not None
+
+
+def test_turning_enforcement_off_is_an_audited_budget_change() -> None:
+    before = load("  - {name: b, match: {org: acme}, tokens: 10, period: day}\n")
+    after = load("  - {name: b, match: {org: acme}, tokens: 10, period: day, enforce: false}\n")
+    (change,) = budget_changes(before, after)
+    assert change["change"] == "changed"
+    assert (change["before"]["enforce"], change["after"]["enforce"]) == (True, False)
