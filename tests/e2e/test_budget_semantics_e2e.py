@@ -1,6 +1,6 @@
-"""Issue 16 through the real Envoy, the real openai SDK and a real Redis (edge leases on,
-as shipped): a policy edit keeps what was spent, an audit-only budget never refuses but
-says it would have, and a rollover budget opens with last period's unused part.
+"""Issue 16 through the real Envoy, the real openai SDK and a real Redis (edge leases off,
+the default, and on): a policy edit keeps what was spent, an audit-only budget never
+refuses but says it would have, and a rollover budget opens with last period's unused part.
 
 The remaining budget is read as a client reads it: the ``x-ratelimit-remaining-tokens``
 of a 429 for a request larger than what is left (``over_reserve: deny``).
@@ -67,6 +67,12 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(params=["off", "on"], ids=["leases-off", "leases-on"])
+def url(request: pytest.FixtureRequest, redis_server: RedisServer) -> str:
+    """The service's ledger: one Redis, with edge leases off (the default) or on."""
+    return f"{redis_server.url}?lease={request.param}&lease_flush_ms=10"
+
+
 def _start(workdir: Path, port: int, text: str) -> AuthzService:
     (workdir / "policy.yaml").write_text(text)
     return AuthzService(workdir / "policy.yaml", grpc_port=port, workdir=workdir,
@@ -110,10 +116,8 @@ def _remaining(client: openai.OpenAI) -> int:
 
 
 def test_edits_mid_window_keep_what_was_spent(
-    client: openai.OpenAI, authz_port: int, workdir: Path, redis_server: RedisServer,
-    fake_llm: FakeLLMThread,
-) -> None:  # fmt: skip
-    url = redis_server.url
+    client: openai.OpenAI, authz_port: int, workdir: Path, url: str, fake_llm: FakeLLMThread
+) -> None:
     with _start(workdir, authz_port, policy(url)) as svc:
         _spend(client, svc, 1)
         assert _remaining(client) == 20_000 - 1040
@@ -137,10 +141,10 @@ def test_edits_mid_window_keep_what_was_spent(
 
 
 def test_an_audit_only_budget_never_refuses_and_says_it_would_have(
-    client: openai.OpenAI, authz_port: int, workdir: Path, redis_server: RedisServer,
+    client: openai.OpenAI, authz_port: int, workdir: Path, url: str, redis_server: RedisServer,
     fake_llm: FakeLLMThread,
 ) -> None:  # fmt: skip
-    with _start(workdir, authz_port, policy(redis_server.url)) as svc:
+    with _start(workdir, authz_port, policy(url)) as svc:
         _spend(client, svc, 1)  # 1,040 of research-watch's 1,500
         raw = client.chat.completions.with_raw_response.create(
             model="gpt-4o", max_tokens=1000, messages=HI,  # type: ignore[arg-type]
@@ -160,10 +164,10 @@ def test_an_audit_only_budget_never_refuses_and_says_it_would_have(
 
 
 def test_rollover_opens_the_day_with_yesterdays_unused_part(
-    client: openai.OpenAI, authz_port: int, workdir: Path, redis_server: RedisServer,
+    client: openai.OpenAI, authz_port: int, workdir: Path, url: str, redis_server: RedisServer,
     fake_llm: FakeLLMThread,
 ) -> None:  # fmt: skip
-    text = policy(redis_server.url, extra=", rollover: {max: 25%}")
+    text = policy(url, extra=", rollover: {max: 25%}")
     (workdir / "policy.yaml").write_text(text)
     pol = load_policy(workdir / "policy.yaml")
     _, _, yesterday = PeriodWindows(pol.timezone).get_with_previous("day", time.time())
