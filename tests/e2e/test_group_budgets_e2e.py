@@ -1,5 +1,5 @@
 """Budgets shared by a group (issue 16) through the real Envoy, the real openai SDK and a
-real Redis Cluster (edge leases on, as shipped): two users in different departments who
+real Redis Cluster (edge leases on): two users in different departments who
 both work on project apollo share one counter; a third, not on the project, does not.
 The group's counter and each member's own sit in one cluster slot (the org's), so they
 are reserved in one atomic step.
@@ -51,7 +51,7 @@ HI = [{"role": "user", "content": "hi"}]
 @pytest.fixture
 def service(tmp_path: Path, authz_port: int, redis_cluster: RedisClusterProcs
             ) -> Iterator[AuthzService]:  # fmt: skip
-    (tmp_path / "policy.yaml").write_text(POLICY.format(url=redis_cluster.url))
+    (tmp_path / "policy.yaml").write_text(POLICY.format(url=redis_cluster.url + "?lease=on&lease_flush_ms=10"))
     with AuthzService(tmp_path / "policy.yaml", grpc_port=authz_port, workdir=tmp_path,
                       extra_args=["--state-dir", str(tmp_path)]) as svc:  # fmt: skip
         yield svc
