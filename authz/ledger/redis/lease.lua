@@ -135,14 +135,13 @@ for _, c in ipairs(C) do
   end
   if c.new and c.inherit ~= '' then
     local o, okey = byk[c.inherit], base .. 'c:' .. c.inherit
-    if o ~= nil and not o.new then
+    if o ~= nil and not o.new then  -- among these counters: as the flush left it
       c.u = c.u + o.u + o.r
       o.f, o.b0 = c.key, o.u + o.r
+      redis.call('HSET', okey, 'f', c.key)
     elseif o == nil and redis.call('EXISTS', okey) == 1 then
       local v = redis.call('HMGET', okey, 'u', 'r')
       c.u = c.u + num(v[1]) + num(v[2])
-    end
-    if o == nil or not o.new then
       redis.call('HSET', okey, 'f', c.key)
     end
   end
