@@ -21,7 +21,14 @@ from authz.policy.model import Budget, Policy, SubjectPath, Weights
 from authz.policy.periods import PeriodWindows
 from authz.recent import Recent
 
-__all__ = ["AdmissionQueue", "LimitPlanner", "PlannedLimit", "QueueFull", "plan_limits"]
+__all__ = [
+    "AdmissionQueue",
+    "LimitPlanner",
+    "PlannedLimit",
+    "QueueFull",
+    "budget_limit",
+    "plan_limits",
+]
 
 T = TypeVar("T")
 _COUNT = Weights(0.0, 0.0, 0.0)  # requests and concurrency count requests, not tokens
@@ -46,19 +53,8 @@ def plan_limits(
     for b in policy.budgets_for(subject):
         node = subject.prefix_key(b.level)
         if node is None:
-            continue
-        start, end, prev = windows.get_with_previous(b.period, now)
-        weights = b.weights
-        if b.unit == "cost":
-            price = policy.pricing.for_model(model)
-            if price is None:
-                raise Unpriced(model or "")
-            weights = price.weights()
-        carry = f"{b.name}|{node}|{int(prev)}" if b.burst else None
-        limit = Limit(
-            f"{b.name}|{node}|{int(start)}", b.name, node, b.tokens + b.soft_grace + b.burst,
-            end, weights, carry_from=carry, nominal=b.tokens if b.burst else 0,
-        )  # fmt: skip
+            continue  # a level not on this path, or a group budget (authz.groups)
+        limit = budget_limit(policy, b, node, model, windows, now)
         planned.append(PlannedLimit(limit, False, b))
     for r in policy.rates_for(subject):
         node = subject.prefix_key(r.level)
@@ -77,6 +73,36 @@ def plan_limits(
                           per_request=per_request)  # fmt: skip
         planned.append(PlannedLimit(limit, True))
     return tuple(planned)
+
+
+def budget_limit(policy: Policy, b: Budget, node: str, model: str | None,
+                 windows: PeriodWindows, now: float) -> Limit:  # fmt: skip
+    """The ledger limit of budget ``b`` counted on ``node`` in the window of ``now``."""
+    start, end, prev = windows.get_with_previous(b.period, now)
+    weights = b.weights
+    if b.unit == "cost":
+        price = policy.pricing.for_model(model)
+        if price is None:
+            raise Unpriced(model or "")
+        weights = price.weights()
+    carries = bool(b.burst or b.rollover)
+    carry = f"{b.name}|{node}|{int(prev)}" if carries else None
+    return Limit(
+        f"{b.name}|{node}|{int(start)}", b.name, node, b.tokens + b.soft_grace + b.burst,
+        end, weights, carry_from=carry, nominal=b.tokens if carries else 0,
+        rollover=b.rollover, inherit=inherited(b, node, start, windows), enforce=b.enforce,
+    )  # fmt: skip
+
+
+def inherited(b: Budget, node: str, start: float, windows: PeriodWindows) -> str | None:
+    """The counter a budget's window continues after an edit (issue 16): the same window
+    under the name it had (``renamed_from``), or the old timezone's window of the moment
+    a reload changed the timezone. None when the key did not change."""
+    old_start = windows.replaced_start(b.period, start)
+    if b.renamed_from is None and old_start is None:
+        return None
+    name = b.renamed_from or b.name
+    return f"{name}|{node}|{int(start if old_start is None else old_start)}"
 
 
 class LimitPlanner:

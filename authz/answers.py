@@ -39,8 +39,8 @@ def quota_for(plan: tuple[PlannedLimit, ...], res: Reservation, now: float) -> Q
     # The x-ratelimit-*-tokens headers describe the token budget with the least left.
     best: Quota | None = None
     for p, left in zip(plan, res.remaining, strict=True):
-        if p.budget is None or p.budget.unit != "tokens":
-            continue
+        if p.budget is None or p.budget.unit != "tokens" or not p.budget.enforce:
+            continue  # an audit-only budget speaks in a warning (warnings_for), not here
         if best is None or left < best.remaining:
             lim = p.limit
             best = Quota(lim.budget, lim.node, lim.amount, left, max(0.0, lim.window_end - now))
@@ -92,10 +92,17 @@ def rate_denial(allow: Decision, refusal: Refusal, why: str, detail: str, now: f
 
 
 def warnings_for(plan: tuple[PlannedLimit, ...], res: Reservation) -> tuple[str, ...]:
-    """Soft budgets past their amount, and burst budgets borrowing from the next period."""
+    """Soft budgets past their amount, burst budgets borrowing from the next period, and
+    audit-only budgets (``enforce: false``) that would have refused the request."""
     out = []
-    for p, left in zip(plan, res.remaining, strict=True):
+    for p, left, units in zip(plan, res.remaining, res.units, strict=True):
         b = p.budget
+        if b is not None and not b.enforce and left < 0:
+            out.append(
+                f"audit-only budget '{b.name}' for {p.limit.node} would have refused this "
+                f"request: it needs {units}, {max(0, left + units)} of {p.limit.amount} left"
+            )
+            continue
         if b is None or not (b.soft_grace or b.burst):
             continue
         used = p.limit.amount - left

@@ -28,6 +28,7 @@ class DenyReason(StrEnum):
     BAD_REQUEST = "bad_request"
     PATH_NOT_ALLOWED = "path_not_allowed"
     LEDGER_UNAVAILABLE = "ledger_unavailable"
+    MODEL_NOT_ALLOWED = "model_not_allowed"  # the node's access list (policy/access.py)
 
 
 @dataclass(frozen=True, slots=True)

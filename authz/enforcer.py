@@ -28,6 +28,7 @@ from authz.confirm import tentative
 from authz.decision import Decision, DenyReason, Verdict
 from authz.errors import BodyError, IdentityError, LedgerUnavailable
 from authz.estimate import RequestEstimate, estimate_request
+from authz.groups import GroupPlanner
 from authz.identity import Authenticator
 from authz.ledger.base import Ledger, Limit, Refusal, Reservation
 from authz.observer import Observer
@@ -78,6 +79,7 @@ class Enforcer:
         self._warming: asyncio.Task[None] | None = None
         self._queue = AdmissionQueue(self._policy.queue.max_depth)
         self._planner = LimitPlanner()
+        self._groups = GroupPlanner()  # budgets shared by a group of callers (issue 16)
         self._subjects: Recent[int, tuple[Mapping[str, Any], SubjectPath]] = Recent()
         self._subjects_policy: Policy | None = None
         self._idle_at = clock.now()  # the last forget_idle rotation
@@ -94,8 +96,10 @@ class Enforcer:
                 self._retired.append(old)
             else:
                 self._warming = loop.create_task(self._swap_authenticator(old))
-        if policy.timezone != self._policy.timezone:
-            self._windows = PeriodWindows(policy.timezone)
+        if policy.timezone != self._policy.timezone:  # windows go on (issue 16)
+            self._windows = PeriodWindows(
+                policy.timezone, previous=self._policy.timezone, since=self._clock.now()
+            )
         self._policy = policy
 
     @property
@@ -189,6 +193,10 @@ class Enforcer:
                     model=model,
                 )
             tokens = TokenUsage(estimate.input_tokens, 0, default if output is None else output)
+        refused = policy.access.refusal(subject, model)  # before anything is reserved
+        if refused is not None:
+            return Decision(Verdict.DENY, 403, DenyReason.MODEL_NOT_ALLOWED, "model_not_allowed",
+                            refused, subject=subject, api=api, model=model)  # fmt: skip
         deferred = await self._off_peak(policy, subject, api, model)
         if deferred is not None:
             return deferred
@@ -292,6 +300,8 @@ class Enforcer:
         )
         try:
             plan = self._planner.plan(policy, subject, model, self._windows, self._clock.now())
+            plan = self._groups.add(plan, policy, subject, claims, model, self._windows,
+                                    self._clock.now())  # fmt: skip
         except Unpriced:
             msg = f"model {model!r} has no price, and a cost budget applies to {subject}"
             return replace(allow, verdict=Verdict.DENY, status=400, reason=DenyReason.UNKNOWN_MODEL,

@@ -61,7 +61,8 @@ def _budget(b: Budget) -> dict[str, Any]:
         "weights": {"input": b.weights.input, "cached_input": b.weights.cached_input,
                     "output": b.weights.output},
     }  # fmt: skip
-    for extra in ("unit", "soft_grace", "burst"):  # admission-control fields, when present
+    # Admission-control fields and issue 16's (turning enforcement off is audited too).
+    for extra in ("unit", "soft_grace", "burst", "enforce", "rollover", "renamed_from", "group"):
         if hasattr(b, extra):
             out[extra] = getattr(b, extra)
     return out

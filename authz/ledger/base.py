@@ -13,7 +13,15 @@ from typing import Protocol
 from authz.policy.model import Weights
 from authz.usage.types import TokenUsage
 
-__all__ = ["Balance", "Ledger", "Limit", "Refusal", "Reservation", "SettleOutcome"]
+__all__ = [
+    "Balance",
+    "Ledger",
+    "Limit",
+    "Refusal",
+    "Reservation",
+    "SettleOutcome",
+    "opening",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +44,24 @@ class Limit:
     release_on_settle: bool = False  # concurrency: settled requests leave no usage behind
     carry_from: str | None = None  # burst payback: the previous window's counter key ...
     nominal: int = 0  # ... and its nominal amount: the next window starts with the overdraft
+    rollover: int = 0  # ... or with the unused part of the nominal amount, up to this
+    # A new counter opens with what this counter (the same budget's window under its old
+    # name or timezone, after a policy edit) spent and holds: edits keep what was spent.
+    inherit: str | None = None
+    enforce: bool = True  # False (audit only): counted, never refused
 
     def units(self, tokens: TokenUsage) -> int:
         return self.weights.units(tokens) + self.per_request
 
     def settled_units(self, actual: TokenUsage) -> int:
         return 0 if self.release_on_settle else self.units(actual)
+
+
+def opening(carry: int, rollover: int) -> int:
+    """The used units a window opens with, from ``carry``: the last window's used units
+    minus its nominal amount. An overdraft is paid back (burst); an unused part is
+    credited (negative used), up to ``rollover``. The same sum in lib.lua."""
+    return max(0, carry) - min(rollover, max(0, -carry))
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,7 +202,10 @@ class LeasedLedger:
             lease.taken += need
             lease.last_used = mono
         org.entries[local.rid] = local
-        remaining = tuple(max(0, lz.free + lz.avail) for lz in leases)
+        # An audit-only limit (enforce: false) may be past its amount: say so (negative),
+        # as the central reserve does, so the answer can warn that it would have refused.
+        remaining = tuple(lz.free + lz.avail if not lz.limit.enforce else max(0, lz.free + lz.avail)
+                          for lz in leases)  # fmt: skip
         return Reservation(local.rid, local.limits, local.units, remaining, local.deadline)
 
     def _plan(self, org: OrgState, checks: Sequence[LocalReservation] = ()) -> SyncPlan:

@@ -56,7 +56,7 @@ class LocalAdmissions:
         for lim, u in zip(limits, units, strict=True):
             ceiling = lim.amount if cap is None else min(cap, lim.amount)
             left = ceiling - self._tally.get(lim.key, 0)
-            if cap is not None and u > left:
+            if cap is not None and u > left and lim.enforce:  # audit only: never refused
                 self.refused += 1
                 return Refusal(lim, u, max(0, left))
             remaining.append(max(0, left - u))

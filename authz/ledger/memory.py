@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from authz.clock import Clock
-from authz.ledger.base import Balance, Limit, Refusal, Reservation, SettleOutcome
+from authz.ledger.base import Balance, Limit, Refusal, Reservation, SettleOutcome, opening
 from authz.usage.bounds import ledger_usage
 from authz.usage.types import TokenUsage
 
@@ -42,6 +42,7 @@ class _Counter:
     used: int = 0
     reserved: int = 0
     nominal: int = 0  # > 0 for burst budgets: overdraft past it is carried as debt
+    forward: str | None = None  # inherited by this counter: changes here count there too
 
 
 @dataclass(slots=True)
@@ -143,13 +144,22 @@ class MemoryLedger:
             )
             heapq.heappush(self._ends, (limit.window_end, limit.key))
             if limit.carry_from is not None:
-                # Burst payback: what the last window spent beyond its nominal amount is
-                # this window's opening debt.
+                # Burst payback and rollover: what the last window spent beyond its
+                # nominal amount is this window's opening debt; what it left, a credit.
                 prev = self._counters.get(limit.carry_from)
                 if prev is not None:
-                    c.used = max(0, prev.used - limit.nominal)
+                    carry = prev.used - limit.nominal
                 else:
-                    c.used = self._debts.pop(limit.carry_from, (0, 0.0))[0]
+                    carry = self._debts.pop(limit.carry_from, (0, 0.0))[0]
+                c.used = opening(carry, limit.rollover)
+            if limit.inherit is not None:
+                # A policy edit renamed the budget or moved its window (issue 16): go on
+                # from what its old counter spent and holds, holds counted as spent
+                # until they settle; from now on every change there counts here too.
+                old = self._counters.get(limit.inherit)
+                if old is not None:
+                    c.used += old.used + old.reserved
+                    old.forward = limit.key
         elif c.amount != limit.amount:  # a reloaded policy may change the amount
             # Only then: each plan computes its amount anew, and a long-lived counter
             # holding the last request's int would keep that int's arena (see above).
@@ -172,11 +182,13 @@ class MemoryLedger:
         units = tuple(lim.units(tokens) for lim in limits)
         for lim, c, u in zip(limits, counters, units, strict=True):
             left = c.amount - c.used - c.reserved
-            if u > left:
+            if u > left and lim.enforce:
                 return Refusal(lim, u, max(0, left))
         remaining = []
         for c, u in zip(counters, units, strict=True):
             c.reserved += u
+            if c.forward is not None:
+                self._mirror(c, u)
             remaining.append(c.amount - c.used - c.reserved)
         keys = tuple(lim.key for lim in limits)
         self._open[reservation_id] = _Open(keys, limits, units, deadline, expiry_charge)
@@ -194,6 +206,8 @@ class MemoryLedger:
                 if c is not None:
                     c.reserved -= held
                     c.used += spent
+                    if c.forward is not None:
+                        self._mirror(c, spent - held)
             self._changed(res.keys, reservation_id)
             return SettleOutcome(settled=True)
         expired = self._expired.pop(reservation_id, None)
@@ -205,6 +219,8 @@ class MemoryLedger:
                 c = self._counters.get(lim.key)
                 if c is not None:
                     c.used += now - was
+                    if c.forward is not None:
+                        self._mirror(c, now - was)
             self._changed((lim.key for lim in limits), reservation_id)
             return SettleOutcome(settled=True, late=True)
         return SettleOutcome(settled=False)
@@ -237,6 +253,8 @@ class MemoryLedger:
                 if c is not None:
                     c.reserved -= held
                     c.used += spent
+                    if c.forward is not None:
+                        self._mirror(c, spent - held)
             self._expired[rid] = (res.limits, charged, now + self._expired_s)
             self._changed(res.keys, rid)
             count += 1
@@ -247,10 +265,26 @@ class MemoryLedger:
         if charge_id in self._charges:
             return False
         for lim in limits:
-            self._counter(lim).used += lim.settled_units(actual)
+            c = self._counter(lim)
+            c.used += lim.settled_units(actual)
+            if c.forward is not None:
+                self._mirror(c, lim.settled_units(actual))
         self._charges[charge_id] = self._clock.now() + self._charges_s
         self._changed((), charge_id)
         return True
+
+    def _mirror(self, c: _Counter, delta: int) -> None:
+        """A change of ``used + reserved`` on a counter another one inherited (a renamed
+        budget, a window in another timezone) counts on the inheritor too: a request
+        held before a reload settles where it was held, and the new counter follows."""
+        for _ in range(8):  # a few edits in one window at most; never a cycle forever
+            nxt = self._counters.get(c.forward) if c.forward is not None else None
+            if nxt is None or delta == 0:
+                return
+            nxt.used += delta
+            if self.changes is not None:
+                self.changes.keys.add(c.forward)  # type: ignore[arg-type]
+            c = nxt
 
     async def balance(self, limit: Limit) -> Balance:
         c = self._counters.get(limit.key)
@@ -279,8 +313,9 @@ class MemoryLedger:
             del self._counters[key]
             if self.changes is not None:
                 self.changes.keys.add(key)
-            if c.nominal and c.used > c.nominal:
-                # A month can pass before the next window's first request: keep the debt.
+            if c.nominal and c.used != c.nominal:
+                # A month can pass before the next window's first request: keep the debt
+                # (or the unused part, negative, for a rollover).
                 self._debts[key] = (c.used - c.nominal, now + 40 * 86400)
         for key in [k for k, (_, forget) in self._debts.items() if forget <= now]:
             del self._debts[key]

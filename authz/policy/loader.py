@@ -29,6 +29,7 @@ from authz.ledger.redis.config import parse_redis_url, redact_url
 from authz.ledger.sqlite import parse_sqlite_url
 from authz.policy.bounds import parse_bounds
 from authz.policy.ledger_settings import parse_breaker
+from authz.policy.loader_access import parse_access
 from authz.policy.loader_admission import (
     amount_or_share,
     parse_match,
@@ -37,6 +38,7 @@ from authz.policy.loader_admission import (
     parse_rates,
     parse_schedule,
 )
+from authz.policy.loader_budgets import BUDGET_KEYS, check_renames, with_budget_keys
 from authz.policy.loader_caps import CAP_KEYS, with_caps
 from authz.policy.loader_observability import parse_alerts, parse_audit
 from authz.policy.loader_requests import parse_unmetered
@@ -304,7 +306,8 @@ def _budget(r: _Reader, raw: Any, p: str, weights: Weights) -> Budget:
     m = r.mapping(
         raw,
         p,
-        {"name", "match", "tokens", "cost", "period", "weights", "soft", "burst", *CAP_KEYS},
+        {"name", "match", "tokens", "cost", "period", "weights", "soft", "burst", *CAP_KEYS}
+        | set(BUDGET_KEYS),
         {"name", "match", "period"},
     )
     name = r.string(m["name"], f"{p}.name", r"[A-Za-z0-9_.:-]+")
@@ -417,6 +420,7 @@ def parse_policy(data: Any, file: str) -> Policy:
             "audit",
             "alerts",
             "bounds",
+            "access",
         },
         {"version", "identity", "subject", "budgets"},
     )
@@ -429,7 +433,13 @@ def parse_policy(data: Any, file: str) -> Policy:
         r.fail("timezone", "is not a known IANA timezone", tz_name)
     base = Path(file).parent
     weights = _weights(r, top.get("weights", {}), "weights", Weights())
-    budgets = r.items(top["budgets"], "budgets", lambda v, p: with_caps(r, v, p, weights, _budget))
+    budgets = r.items(
+        top["budgets"],
+        "budgets",
+        lambda v, p: with_budget_keys(
+            r, v, p, weights, lambda r, v, p, w: with_caps(r, v, p, w, _budget)
+        ),
+    )
     seen: dict[str, int] = {}
     for i, b in enumerate(budgets):
         if b.name in seen:
@@ -439,6 +449,7 @@ def parse_policy(data: Any, file: str) -> Policy:
                 b.name,
             )
         seen[b.name] = i
+    check_renames(r, budgets)
     rates = parse_rates(r, top.get("rates"))
     for i, rate in enumerate(rates):
         if rate.name in seen:
@@ -487,6 +498,7 @@ def parse_policy(data: Any, file: str) -> Policy:
         audit=parse_audit(r, top["audit"], base) if "audit" in top else AuditPolicy(),
         alerts=parse_alerts(r, top["alerts"]) if "alerts" in top else AlertPolicy(),
         bounds=parse_bounds(r, top.get("bounds", {})),
+        access=parse_access(r, top.get("access")),
     )
 
 

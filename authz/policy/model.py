@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 from authz.identity.settings import IdentitySettings
 from authz.paths import PathRule
+from authz.policy.access import ModelAccess
 from authz.policy.admission import Pricing, QueuePolicy, Rate, Schedule, matches
 from authz.policy.bounds import BoundsSettings
 from authz.policy.ledger_settings import BreakerSettings
@@ -138,6 +139,15 @@ class Budget:
     # is left ("cap"), if at least min_output_tokens fit; or refuse it ("deny").
     over_reserve: Literal["cap", "deny"] = "cap"
     min_output_tokens: int = 256
+    # Issue 16 (authz.policy.loader_budgets): the name this budget had before, whose
+    # current window it continues; False: count and report, never refuse (audit only);
+    # units of the last period's unused amount the next period may add (rollover).
+    renamed_from: str | None = None
+    enforce: bool = True
+    rollover: int = 0
+    # A shared group (authz.groups): claims every member has; one counter per org for
+    # all of them, whatever their place in the tree (level is then "group").
+    group: tuple[tuple[str, str], ...] = ()
 
     def applies_to(self, path: SubjectPath) -> bool:
         for level, want in self.match:
@@ -234,6 +244,7 @@ class Policy:
     audit: AuditPolicy = field(default_factory=AuditPolicy)
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
     bounds: BoundsSettings = field(default_factory=BoundsSettings)  # see policy/bounds.py
+    access: ModelAccess = field(default_factory=ModelAccess)  # see policy/access.py
     # Per-path memos (bounded, and forgotten when idle: authz.recent).
     _cache: Recent[tuple[Node, ...], tuple[Budget, ...]] = field(
         default_factory=Recent, compare=False, repr=False

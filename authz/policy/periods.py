@@ -52,9 +52,22 @@ def window(period: str, tz: ZoneInfo, now: float) -> tuple[float, float]:
 class PeriodWindows:
     """Caches the current window per period: the hot path asks on every check."""
 
-    def __init__(self, tz: ZoneInfo) -> None:
+    def __init__(
+        self, tz: ZoneInfo, *, previous: ZoneInfo | None = None, since: float = 0.0
+    ) -> None:
         self._tz = tz
         self._cache: dict[str, tuple[float, float, float]] = {}
+        # A reload changed the timezone at ``since``: the window then current continues
+        # the old timezone's window of that moment (issue 16: edits keep what was spent).
+        self._previous, self._since = previous, since
+
+    def replaced_start(self, period: str, start: float) -> float | None:
+        """The start of the old timezone's window that the window starting at ``start``
+        continues, if a timezone change happened inside it; else None."""
+        if self._previous is None or start > self._since:
+            return None
+        old = window(period, self._previous, self._since)[0]
+        return None if old == start else old
 
     def get(self, period: str, now: float) -> tuple[float, float]:
         start, end, _ = self.get_with_previous(period, now)

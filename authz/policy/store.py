@@ -14,6 +14,7 @@ from pathlib import Path
 
 from authz.errors import PolicyError
 from authz.policy.loader import load_policy
+from authz.policy.loader_budgets import applied_renames
 from authz.policy.model import Policy
 
 __all__ = ["PolicyStore"]
@@ -56,7 +57,7 @@ class PolicyStore:
         """Load the file again; on any error keep the current policy. True if replaced."""
         self._stamp = self._file_stamp()
         try:
-            policy = load_policy(self.path)
+            policy = applied_renames(load_policy(self.path), self.current)
             for check in self._guards:
                 check(policy)
         except PolicyError as exc:

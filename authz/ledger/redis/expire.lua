@@ -38,6 +38,7 @@ for _, member in ipairs(dead) do
   if held > 0 then
     bump(key, 'u', held)
     bump(key, 'l', -held)
+    mirror(key, held)  -- counted as spent now: an inheritor counts it too
   end
   bump(key, 'si', -idle)
   redis.call('HDEL', key, 'L:' .. replica, 'E:' .. replica, 'S:' .. replica)

@@ -18,8 +18,10 @@
 -- ARGV[1] base  ARGV[2] now (s)  ARGV[3] replica id  ARGV[4] epoch for a new lease
 -- ARGV[5] lease TTL (s)  ARGV[6] ms to keep a closed record  ARGV[7] lease fraction
 -- ARGV[8] lease max units  ARGV[9] drain hold (s)  ARGV[10..11] rollup retention ms
--- ARGV[12] nc, then per counter 10 values: limit key, amount, counter TTL ms, burst
---          carry key ("" = none), nominal, epoch the replica knows ("" = none),
+-- ARGV[12] nc, then per counter 13 values: limit key, amount, counter TTL ms, burst/
+--          rollover carry key ("" = none), nominal, rollover cap, inherited counter
+--          ("" = none), enforce (0: audit only, never refused), epoch the replica
+--          knows ("" = none),
 --          give back, spare (unused, given back too if the counter is draining),
 --          extra minimum (0: no extra slice), idle (the replica's unused lease now: the
 --          counter keeps every replica's as S:<replica> and their sum as si, so a
@@ -42,16 +44,19 @@ local C = {}
 local a = 13
 for j = 1, nc do
   local key = KEYS[2 + j]
-  local v = redis.call('HMGET', key, 'u', 'r', 'l', 'L:' .. rep, 'E:' .. rep, 'd', 'S:' .. rep, 'si')
+  local v = redis.call('HMGET', key, 'u', 'r', 'l', 'L:' .. rep, 'E:' .. rep, 'd', 'S:' .. rep, 'si',
+                      'f')
   C[j] = {key = key, k = ARGV[a], amount = tonumber(ARGV[a + 1]), ttl = ARGV[a + 2],
           new = redis.call('EXISTS', key) == 0, carry = ARGV[a + 3],
-          nominal = tonumber(ARGV[a + 4]), known = ARGV[a + 5],
-          give = tonumber(ARGV[a + 6]), spare = tonumber(ARGV[a + 7]),
-          min = tonumber(ARGV[a + 8]), idle = tonumber(ARGV[a + 9]),
+          nominal = tonumber(ARGV[a + 4]), rollover = tonumber(ARGV[a + 5]),
+          inherit = ARGV[a + 6], enforce = ARGV[a + 7] == '1', known = ARGV[a + 8],
+          give = tonumber(ARGV[a + 9]), spare = tonumber(ARGV[a + 10]),
+          min = tonumber(ARGV[a + 11]), idle = tonumber(ARGV[a + 12]),
           u = num(v[1]), r = num(v[2]), l = num(v[3]), L = num(v[4]), E = v[5] or '',
-          d = tonumber(v[6]), S = num(v[7]), si = num(v[8])}
+          d = tonumber(v[6]), S = num(v[7]), si = num(v[8]), f = v[9] or nil}
+  C[j].b0 = C[j].u + C[j].r  -- what a change mirrored to an inheritor is measured from
   C[j].lost = C[j].known ~= '' and v[4] == false
-  a = a + 10
+  a = a + 13
 end
 
 local ne = tonumber(ARGV[a])
@@ -107,23 +112,39 @@ for i = 1, ne do
   end
 end
 
--- Burst payback for a window opened by this sync, after the flush above: a settlement
--- of the previous window in this same batch must count in its overdraft.
-local byk = {}
-for _, c in ipairs(C) do byk[c.k] = c end
-for _, c in ipairs(C) do
-  if c.new and c.carry ~= '' then
-    local prev = byk[c.carry] and byk[c.carry].u
-    prev = prev or num(redis.call('HGET', base .. 'c:' .. c.carry, 'u'))
-    c.u = c.u + math.max(0, prev - c.nominal)
-  end
-end
-
 for _, c in ipairs(C) do  -- give back
   local back = c.give
   if c.d ~= nil and c.d > now - hold then back = math.max(back, c.spare) end
   back = math.min(back, c.L)
   c.L, c.l, c.idle = c.L - back, c.l - back, math.max(0, c.idle - back)
+end
+
+-- A window opened by this sync opens as open_counter (lib.lua) opens it, after the
+-- flush above: a settlement of the previous window in this same batch counts in its
+-- overdraft, and an inherited counter's flushed admissions in what is inherited (its
+-- mirror then measures from here on).
+local byk = {}
+for _, c in ipairs(C) do byk[c.k] = c end
+for _, c in ipairs(C) do
+  if c.new and c.carry ~= '' then
+    local p = byk[c.carry]
+    local prev = p and not p.new and p.u or redis.call('HGET', base .. 'c:' .. c.carry, 'u')
+    if prev then
+      c.u = c.u + opening(num(prev) - c.nominal, c.rollover)
+    end
+  end
+  if c.new and c.inherit ~= '' then
+    local o, okey = byk[c.inherit], base .. 'c:' .. c.inherit
+    if o ~= nil and not o.new then  -- among these counters: as the flush left it
+      c.u = c.u + o.u + o.r
+      o.f, o.b0 = c.key, o.u + o.r
+      redis.call('HSET', okey, 'f', c.key)
+    elseif o == nil and redis.call('EXISTS', okey) == 1 then
+      local v = redis.call('HMGET', okey, 'u', 'r')
+      c.u = c.u + num(v[1]) + num(v[2])
+      redis.call('HSET', okey, 'f', c.key)
+    end
+  end
 end
 local function free_of(c)
   return c.amount - c.u - c.r - c.l
@@ -140,7 +161,7 @@ for i = 1, nr do
   end
   for j = 1, nk do
     local c = idx[j]
-    if math.max(0, need[j] - c.idle) > free_of(c) then
+    if c.enforce and math.max(0, need[j] - c.idle) > free_of(c) then
       fail = j
       break
     end
@@ -168,6 +189,27 @@ for _, c in ipairs(C) do
     if extra >= c.min then
       c.L, c.l, c.idle = c.L + extra, c.l + extra, c.idle + extra
     end
+  end
+end
+
+-- Mirrors (lib.lua): each counter's change of used + reserved in this sync counts on its
+-- inheritor too; an inheritor among these counters is changed here, before it is
+-- written below (a HINCRBY now would be overwritten by that write).
+local bykey, moved = {}, {}
+for _, c in ipairs(C) do bykey[c.key] = c end
+for j, c in ipairs(C) do moved[j] = c.u + c.r - c.b0 end
+for j, c in ipairs(C) do
+  local delta, f, hops = moved[j], c.f, 0
+  while delta ~= 0 and f and hops < 8 do
+    local t = bykey[f]
+    if t == nil then
+      if redis.call('EXISTS', f) == 1 then
+        redis.call('HINCRBY', f, 'u', delta)
+        mirror(f, delta)
+      end
+      break
+    end
+    t.u, f, hops = t.u + delta, t.f, hops + 1
   end
 end
 

@@ -43,8 +43,10 @@ def weights_args(limit: Limit) -> list[Any]:
 
 
 def limit_args(limit: Limit) -> list[Any]:
-    """What a script needs to open a limit's counter: burst carry key and nominal."""
-    return [limit.carry_from or "", limit.nominal]
+    """What a script needs to open a limit's counter (burst/rollover carry key, nominal,
+    rollover cap, inherited counter; lib.lua's open_counter) and whether it refuses."""
+    return [limit.carry_from or "", limit.nominal, limit.rollover, limit.inherit or "",
+            int(limit.enforce)]  # fmt: skip
 
 
 def _tokens(t: TokenUsage) -> list[int]:

@@ -57,14 +57,55 @@ local function ms(x)
   return math.max(1, math.floor(x))
 end
 
--- Burst payback: a burst budget's new window opens with the last window's overdraft
--- (what it used beyond its nominal amount), as MemoryLedger does.
-local function open_counter(base, key, carry, nominal)
-  if carry ~= '' and redis.call('EXISTS', key) == 0 then
-    local prev = num(redis.call('HGET', base .. 'c:' .. carry, 'u'))
-    if prev > nominal then
-      redis.call('HSET', key, 'u', prev - nominal)
+-- What a window opens with (authz.ledger.base.opening): the last window's overdraft
+-- past its nominal amount as debt (burst payback), its unused part as a credit up to
+-- `rollover` (negative used).
+local function opening(carry, rollover)
+  return math.max(0, carry) - math.min(rollover, math.max(0, -carry))
+end
+
+-- A change of used + reserved on a counter another one inherited (field f: that
+-- counter's key) counts there too, as MemoryLedger._mirror does: a request held before
+-- a policy edit settles on the counter it was held on, and the inheritor follows.
+local function mirror(key, delta)
+  for _ = 1, 8 do
+    if delta == 0 then
+      return
     end
+    local f = redis.call('HGET', key, 'f')
+    if not f or redis.call('EXISTS', f) == 0 then
+      return
+    end
+    redis.call('HINCRBY', f, 'u', delta)
+    key = f
+  end
+end
+
+-- Open a new counter (key absent) as MemoryLedger does: burst payback and rollover from
+-- the last window (`carry`, "" = none), then, after a policy edit (a rename, another
+-- timezone), what the budget's old counter for this window (`inherit`) spent and holds
+-- (holds as spent until they settle: see mirror). Leased units are not taken: what a
+-- replica admits from a lease counts when its flush writes it (mirrored then).
+-- Given the counter's TTL at once: a refused reserve may leave the key it opened.
+local function open_counter(base, key, carry, nominal, rollover, inherit, ttl)
+  if (carry == '' and inherit == '') or redis.call('EXISTS', key) == 1 then
+    return
+  end
+  local used = 0
+  if carry ~= '' then
+    local prev = redis.call('HGET', base .. 'c:' .. carry, 'u')
+    if prev then
+      used = opening(num(prev) - nominal, rollover)
+    end
+  end
+  if inherit ~= '' and redis.call('EXISTS', base .. 'c:' .. inherit) == 1 then
+    local old = redis.call('HMGET', base .. 'c:' .. inherit, 'u', 'r')
+    used = used + num(old[1]) + num(old[2])
+    redis.call('HSET', base .. 'c:' .. inherit, 'f', key)
+  end
+  if used ~= 0 then
+    redis.call('HSET', key, 'u', used)
+    redis.call('PEXPIRE', key, ttl)
   end
 end
 
@@ -102,6 +143,7 @@ local function charge_open(base, rec, tok)
       bump(key, 'r', -rec.q[j])
       bump(key, 'u', ch)
     end
+    mirror(key, ch - rec.q[j])
   end
   return charged
 end
@@ -118,6 +160,7 @@ local function settle_rec(base, rec, tok, now, hour_ms, day_ms)
   for j, k in ipairs(rec.k) do
     delta[j] = settled(rec.w[j], tok[1], tok[2], tok[3]) - rec.x[j]
     bump(base .. 'c:' .. k, 'u', delta[j])
+    mirror(base .. 'c:' .. k, delta[j])
   end
   rollup(base, rec, dtok, delta, 0, now, hour_ms, day_ms)
   rec.s = 1
