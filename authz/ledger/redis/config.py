@@ -9,7 +9,8 @@ URL offline. Passwords come from the URL or ``AUTHZ_REDIS_PASSWORD``; :meth:`saf
 
 Options (all optional): ``prefix`` (key prefix, default ``authz``), ``pool`` (connections
 per Redis node, default 32), ``timeout`` / ``connect_timeout`` (seconds, default 0.5),
-``lease`` (``on``/``off``, default ``on``: edge leases, see :mod:`authz.ledger.lease`),
+``lease`` (``on``/``off``, default ``off``: edge leases, see :mod:`authz.ledger.lease`;
+docs/capacity.md says why they are off),
 ``lease_fraction`` (share of what is left one lease may take, default 0.1),
 ``lease_max`` (units, default 1000000), ``lease_ttl`` (seconds, default 10),
 ``lease_flush_ms`` (batch interval, default 50).
