@@ -31,6 +31,7 @@ from authz.enforcer import Enforcer
 from authz.envoy.stream_metadata import (
     AUTHZ_NS,
     check_traceparent,
+    from_upstream,
     header_map,
     labels,
     reservation,
@@ -320,7 +321,8 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             except ValueError:
                 status = 0
             mode = tracker.on_headers(
-                status, h.get("content-type", ""), h.get("content-encoding", "")
-            )
+                status, h.get("content-type", ""), h.get("content-encoding", ""),
+                upstream=from_upstream(req),
+            )  # fmt: skip
         override = processing_mode_pb2.ProcessingMode(response_body_mode=_MODES[mode])
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=override)
