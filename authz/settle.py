@@ -64,6 +64,7 @@ class ReservationInfo:
     model: str = ""
     output_cap: int = 0  # the output limit written into the request (0: none)
     stream: bool = False  # the request asked for a stream (signed in the handle)
+    subject: str = ""  # the caller's path, e.g. org:acme/user:bob (signed in the handle)
 
 
 @dataclass(frozen=True, slots=True)

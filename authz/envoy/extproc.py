@@ -170,6 +170,10 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                 self._metrics.settled("released")
             else:
                 done = await self._enforcer.settle(info.reservation_id, outcome.usage)
+                if done:  # cost budgets: what the provider bills beyond the base rates
+                    await self._enforcer.settle_price(
+                        info.reservation_id, info.subject, info.model, outcome.usage
+                    )
                 policy = self._enforcer.policy
                 label = policy.models.label(info.model or None)
                 self._metrics.settled(

@@ -96,6 +96,7 @@ def reservation_info(h: Handle) -> ReservationInfo:
         model=h.model,
         output_cap=h.output_cap,
         stream=h.stream,
+        subject=h.subject,
     )
 
 
