@@ -118,7 +118,8 @@ def test_parsers_report_cache_writes_and_service_tier() -> None:
 
 async def test_settlement_charges_the_cost_budget_as_billed(tmp_path: Path) -> None:
     clock = FakeClock(1_772_000_000.0)
-    enf = Enforcer(PolicyStore(policy_file(tmp_path, PRICES)), MemoryLedger(clock), clock)
+    ledger = MemoryLedger(clock)
+    enf = Enforcer(PolicyStore(policy_file(tmp_path, PRICES)), ledger, clock)
     body = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
     d = await enf.check(CheckInput("POST", "/v1/messages", {"x-api-key": "ka"},
                                    json.dumps(body).encode()))  # fmt: skip
@@ -130,9 +131,9 @@ async def test_settlement_charges_the_cost_budget_as_billed(tmp_path: Path) -> N
     await enf.settle_price(d.reservation_id, str(d.subject), "claude-x", usage)
     policy = enf.policy
     limits = {lim.budget: lim for lim in enf.limits_for(policy, d.subject, "claude-x")}
-    spend = await enf._ledger.balance(limits["spend"])  # noqa: SLF001
+    spend = await ledger.balance(limits["spend"])
     assert spend.used == 2 * (10 * 3 + 10 * 15)  # 360: base 180 + the priority difference
-    tokens = await enf._ledger.balance(limits["tokens"])  # noqa: SLF001
+    tokens = await ledger.balance(limits["tokens"])
     assert tokens.used == 20  # token budgets count tokens, whatever the price
 
 
