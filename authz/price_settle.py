@@ -75,6 +75,10 @@ async def settle_price(
     )
     if not limits:
         return 0
-    await ledger.charge(f"{reservation_id}|price", limits, TokenUsage(extra, 0, 0))
+    try:
+        await ledger.charge(f"{reservation_id}|price", limits, TokenUsage(extra, 0, 0))
+    except Exception:  # the settle itself went through: only the difference is lost
+        log.exception("price difference of %s (%d units) not charged", reservation_id, extra)
+        return 0
     log.debug("priced %s: %d units beyond the base rates", reservation_id, extra)
     return extra

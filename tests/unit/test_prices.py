@@ -21,7 +21,7 @@ from authz.policy.admission import Price
 from authz.policy.loader import load_policy
 from authz.policy.prices import bill, rates_for
 from authz.policy.store import PolicyStore
-from authz.price_settle import price_difference
+from authz.price_settle import price_difference, settle_price
 from authz.usage import parse_json_usage
 from authz.usage.types import TokenUsage
 
@@ -159,3 +159,17 @@ def test_bad_prices_name_file_path_and_value(tmp_path: Path, model: str) -> None
     with pytest.raises(PolicyError) as err:
         load_policy(file)
     assert str(err.value) == f"{file}:{BAD[model]}"
+
+
+async def test_a_failed_difference_charge_never_fails_the_settlement(tmp_path: Path) -> None:
+    class Broken:
+        async def charge(self, *args: object) -> bool:
+            raise ConnectionError("store down")
+
+    policy = load_policy(policy_file(tmp_path, PRICES))
+    clock = FakeClock(1_772_000_000.0)
+    enf = Enforcer(PolicyStore(policy_file(tmp_path, PRICES)), MemoryLedger(clock), clock)
+    usage = TokenUsage(10, 0, 10, service_tier="priority")
+    got = await settle_price(policy, Broken(), enf.limits_for, "r1", "org:acme/user:ann",
+                             "claude-x", usage)  # fmt: skip
+    assert got == 0
