@@ -26,7 +26,6 @@ from tests.e2e.spine_env import token
 from tests.support.envoy_proc import EnvoyProcess, Mutator, cluster, http_filters
 from tests.support.fake_llm import FakeLLMThread
 from tests.support.jwks_server import JwksServer
-from tests.support.ports import free_port
 from tests.support.procs import wait_until
 from tests.support.redis_proc import RedisServer
 from tests.support.service import AuthzService
@@ -119,8 +118,17 @@ def _mutate(dead_port: int) -> Mutator:
 
 
 @pytest.fixture(scope="module")
-def envoy_mutate() -> Mutator:
-    return _mutate(free_port())  # nothing listens there: connection refused
+def dead_port() -> Iterator[int]:
+    """A port held bound and never listened on: connections to it are refused, and
+    nothing else can take it while the module runs."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def envoy_mutate(dead_port: int) -> Mutator:
+    return _mutate(dead_port)
 
 
 @pytest.fixture(scope="module")
