@@ -38,6 +38,7 @@ from authz.policy.model import Policy, SubjectPath
 from authz.policy.periods import PeriodWindows
 from authz.policy.store import PolicyStore
 from authz.policy.subject import SubjectUnmapped, map_subject
+from authz.price_settle import settle_price
 from authz.recent import Recent
 from authz.usage.bounds import SettlementBound
 from authz.usage.types import TokenUsage
@@ -403,6 +404,13 @@ class Enforcer:
         outcome = await self._ledger.settle(reservation_id, usage)
         self._queue.notify()  # a concurrency slot or an over-reservation may have freed
         return outcome.settled
+
+    async def settle_price(self, reservation_id: str, subject: str, model: str,
+                           usage: TokenUsage) -> int:  # fmt: skip
+        """Cost budgets charged what the provider bills beyond the base rates
+        (authz.price_settle): context tiers, cache writes, service tiers."""
+        return await settle_price(self.policy, self._ledger, self.limits_for, reservation_id,
+                                  subject, model, usage)  # fmt: skip
 
     def bounded(self, event: SettlementBound) -> None:
         """A settlement charged other than the upstream said (authz.usage.bounds): one

@@ -4,7 +4,12 @@ The gRPC layer (:mod:`authz.envoy.extproc`) feeds it headers and body chunks; it
 how the body should be sent (buffered JSON or streamed SSE) and, at the end, the usage
 to settle. Rules (see docs/design.md):
 - no reservation (a local reply such as our own 429, or an unbudgeted request): nothing;
-- a non-2xx upstream answer: release (the model did no work we can bill);
+- a non-2xx upstream answer, or any answer the upstream did not send (a guardrail after
+  ext_authz answering locally, a route's ``direct_response``, Envoy's 503 when the
+  upstream cannot be reached), whatever its status: release (the model did no work);
+- the client gone before any response header: a stream is charged its input estimate
+  (a provider stops generating when the stream is cut), a JSON request what was
+  reserved (the model may finish the answer nobody reads);
 - JSON: the body's ``usage``; a body without usage keeps the reservation's estimate;
 - SSE: the last usage seen once ``end_of_stream`` arrives; a stream cut short is charged
   from what was seen (input estimate + streamed text), never zero, never refunded whole.
@@ -58,6 +63,8 @@ class ReservationInfo:
     org: str = ""
     model: str = ""
     output_cap: int = 0  # the output limit written into the request (0: none)
+    stream: bool = False  # the request asked for a stream (signed in the handle)
+    subject: str = ""  # the caller's path, e.g. org:acme/user:bob (signed in the handle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +91,11 @@ class ResponseTracker:
         self._decoder: Decoder | None = None
         self._refused: str | None = None  # why nothing more of the body is read
 
-    def on_headers(self, status: int, content_type: str, content_encoding: str) -> BodyMode:
-        if not 200 <= status < 300:
+    def on_headers(
+        self, status: int, content_type: str, content_encoding: str, *, upstream: bool = True
+    ) -> BodyMode:
+        """``upstream`` False: Envoy or a filter made this answer, not the model."""
+        if not upstream or not 200 <= status < 300:
             self.outcome = Outcome("released", TokenUsage(0, 0, 0))
             return BodyMode.NONE
         try:
@@ -159,9 +169,17 @@ class ResponseTracker:
             complete = self._sse.usage is not None
             usage = usage_after_abort(self._sse, self.info.input_estimate)
             self.outcome = self._bounded("settled" if complete else "aborted", usage)
+        elif self._json is None and self.info.stream:
+            # No response header yet and a stream was asked for: the client left before
+            # the first byte, Envoy reset the upstream stream, and a provider stops
+            # generating when its stream is cut. The prompt was sent: charge it, never
+            # the output reserved (issue 16: nothing beyond what was produced).
+            self.outcome = Outcome(
+                "aborted", TokenUsage(self.info.input_estimate, 0, 0, exact=False)
+            )
         else:
-            # Headers never came, or a JSON body was cut: the model may have worked in
-            # full, so keep what was reserved for the output too.
+            # A JSON body was cut, or a JSON request lost its client before the answer:
+            # the model may have worked in full, so keep what was reserved for the output.
             self.outcome = Outcome("aborted", self._reserved())
         return self.outcome
 

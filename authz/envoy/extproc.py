@@ -30,6 +30,7 @@ from authz.enforcer import Enforcer
 from authz.envoy.stream_metadata import (
     AUTHZ_NS,
     check_traceparent,
+    from_upstream,
     header_map,
     labels,
     reservation,
@@ -168,6 +169,10 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                 self._metrics.settled("released")
             else:
                 done = await self._enforcer.settle(info.reservation_id, outcome.usage)
+                if done:  # cost budgets: what the provider bills beyond the base rates
+                    await self._enforcer.settle_price(
+                        info.reservation_id, info.subject, info.model, outcome.usage
+                    )
                 policy = self._enforcer.policy
                 label = policy.models.label(info.model or None)
                 self._metrics.settled(
@@ -324,7 +329,8 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             except ValueError:
                 status = 0
             mode = tracker.on_headers(
-                status, h.get("content-type", ""), h.get("content-encoding", "")
-            )
+                status, h.get("content-type", ""), h.get("content-encoding", ""),
+                upstream=from_upstream(req),
+            )  # fmt: skip
         override = processing_mode_pb2.ProcessingMode(response_body_mode=_MODES[mode])
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=override)

@@ -20,6 +20,7 @@ from authz.settle import ReservationInfo
 __all__ = [
     "AUTHZ_NS",
     "check_traceparent",
+    "from_upstream",
     "header_map",
     "labels",
     "reservation",
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 AUTHZ_NS = "envoy.filters.http.ext_authz"
+EXT_PROC_NS = "envoy.filters.http.ext_proc"  # where Envoy puts the response attributes
 
 
 def reservation(req: pb.ProcessingRequest) -> tuple[Handle, str] | SettleRefusal | None:
@@ -58,6 +60,23 @@ def reservation(req: pb.ProcessingRequest) -> tuple[Handle, str] | SettleRefusal
     return handle, mac
 
 
+def from_upstream(req: pb.ProcessingRequest) -> bool:
+    """False when Envoy says the response headers were not the upstream's: a filter
+    after ext_authz answered locally (a guardrail), a route's ``direct_response``, or
+    Envoy's own 503 for an upstream it could not reach. Read from the
+    ``response.code_details`` attribute (``via_upstream`` for an upstream's answer);
+    a config that does not ask for it is taken as upstream, as before.
+
+    Issue 16: a guardrail that answers 200 with a canned message was charged the whole
+    reservation (a 200 JSON without usage settles as the estimate), though no model ran.
+    """
+    attrs = req.attributes.get(EXT_PROC_NS)
+    if attrs is None or "response.code_details" not in attrs.fields:
+        return True
+    details: str = attrs.fields["response.code_details"].string_value
+    return details == "via_upstream"
+
+
 def _count(f: Any, key: str) -> int:
     if key not in f:
         return 0
@@ -76,6 +95,8 @@ def reservation_info(h: Handle) -> ReservationInfo:
         org=h.org,
         model=h.model,
         output_cap=h.output_cap,
+        stream=h.stream,
+        subject=h.subject,
     )
 
 

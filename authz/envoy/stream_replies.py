@@ -10,6 +10,7 @@ from google.protobuf import struct_pb2
 from authz.decision import Decision, DenyReason, Verdict
 from authz.envoy.convert import error_body
 from authz.policy.model import Policy
+from authz.policy.prices import bill
 from authz.proto import base_pb2, http_status_pb2
 from authz.proto import external_processor_pb2 as pb
 from authz.settle import Outcome, ReservationInfo
@@ -65,13 +66,8 @@ def settled_cost(policy: Policy, model: str, outcome: Outcome) -> tuple[float, s
     price = policy.pricing.for_model(model or None)
     if price is None:
         return None
-    u = outcome.usage
-    micros = (
-        u.input_tokens * price.input
-        + u.cached_input_tokens * price.cached_input
-        + u.output_tokens * price.output
-    )
-    return micros / 1_000_000, policy.pricing.currency
+    # As the provider bills it: context tier, cache writes, service tier.
+    return bill(price, outcome.usage) / 1_000_000, policy.pricing.currency
 
 
 def usage_metadata(outcome: Outcome) -> struct_pb2.Struct:

@@ -131,7 +131,7 @@ def ext_proc(opts: Options) -> tuple[HttpFilter, Notes]:
             forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ]),
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=["authz.usage"]),
         ),
-        response_attributes=["response.code"],
+        response_attributes=["response.code", "response.code_details"],
     )
     return _filter(EXT_PROC, config), dict(_PROC_NOTES)
 
@@ -228,6 +228,8 @@ Gives the service, on every message, what ext_authz decided
 The only namespace the service may write back: the usage it measured,
 shown in the access log.""",
     "typed_config.response_attributes": (
-        "A non-2xx upstream answer reports no usage: the service releases instead."
+        "A non-2xx upstream answer reports no usage, and an answer not from the\n"
+        "upstream (code_details other than via_upstream: a guardrail, a\n"
+        "direct_response, Envoy's 503) used no model: the service releases both."
     ),
 }

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:  # model imports this module: no runtime import back
     from authz.policy.model import SubjectPath, Weights
+    from authz.policy.prices import PriceTier
 
 __all__ = ["Price", "Pricing", "QueuePolicy", "Rate", "Schedule", "matches"]
 
@@ -50,6 +51,19 @@ class Price:
     input: float
     cached_input: float
     output: float
+    # As providers bill (authz.policy.prices): None = the input rate.
+    cache_write: float | None = None
+    tiers: tuple[PriceTier, ...] = ()  # ascending above_input_tokens
+    service_tiers: tuple[tuple[str, float], ...] = ()  # (tier name, factor)
+
+    @property
+    def cache_write_rate(self) -> float:
+        return self.input if self.cache_write is None else self.cache_write
+
+    @property
+    def billed_apart(self) -> bool:
+        """Whether a settlement may cost other than the three base weights say."""
+        return bool(self.tiers or self.service_tiers) or self.cache_write_rate != self.input
 
     def weights(self) -> Weights:
         # A budget in currency counts micro-units: one token of a model priced at

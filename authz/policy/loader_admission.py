@@ -13,6 +13,7 @@ from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 from authz.policy.admission import RATE_KINDS, Match, Price, Pricing, QueuePolicy, Rate, Schedule
 from authz.policy.names import escape_name
+from authz.policy.prices import PriceTier
 
 __all__ = [
     "amount_or_share",
@@ -89,16 +90,63 @@ def parse_rates(r: Reader, raw: Any) -> tuple[Rate, ...]:
     return cast(tuple[Rate, ...], r.items(raw, "rates", rate))
 
 
+_PRICE_KEYS = {"input", "cached_input", "output", "cache_write", "tiers", "service_tiers"}
+
+
 def _price(r: Reader, raw: Any, p: str, pattern: str) -> Price:
-    allowed = {"input", "cached_input", "output"} | ({"match"} if pattern == "" else set())
+    allowed = _PRICE_KEYS | ({"match"} if pattern == "" else set())
     m = r.mapping(raw, p, allowed, {"input", "output"} | ({"match"} if pattern == "" else set()))
     inp = r.number(m["input"], f"{p}.input")
+    cached = r.number(m.get("cached_input", inp), f"{p}.cached_input")
+    write = r.number(m["cache_write"], f"{p}.cache_write") if "cache_write" in m else None
     return Price(
         pattern=pattern or r.string(m["match"], f"{p}.match"),
         input=inp,
-        cached_input=r.number(m.get("cached_input", inp), f"{p}.cached_input"),
+        cached_input=cached,
         output=r.number(m["output"], f"{p}.output"),
+        cache_write=write,
+        tiers=_tiers(r, m.get("tiers"), f"{p}.tiers"),
+        service_tiers=_service_tiers(r, m.get("service_tiers"), f"{p}.service_tiers"),
     )
+
+
+def _tiers(r: Reader, raw: Any, p: str) -> tuple[PriceTier, ...]:
+    """Context tiers, e.g. ``[{above_input_tokens: 200000, input: 6, output: 22.5}]``."""
+
+    def tier(v: Any, q: str) -> PriceTier:
+        keys = {"above_input_tokens", "input", "cached_input", "cache_write", "output"}
+        m = r.mapping(v, q, keys, {"above_input_tokens", "input", "output"})
+        inp = r.number(m["input"], f"{q}.input")
+        return PriceTier(
+            above_input_tokens=r.integer(m["above_input_tokens"], f"{q}.above_input_tokens", 1),
+            input=inp,
+            cached_input=r.number(m.get("cached_input", inp), f"{q}.cached_input"),
+            cache_write=r.number(m.get("cache_write", inp), f"{q}.cache_write"),
+            output=r.number(m["output"], f"{q}.output"),
+        )
+
+    tiers = r.items(raw, p, tier)
+    for i in range(1, len(tiers)):
+        if tiers[i].above_input_tokens <= tiers[i - 1].above_input_tokens:
+            r.fail(f"{p}[{i}].above_input_tokens", "must be above the tier before it",
+                   tiers[i].above_input_tokens)  # fmt: skip
+    return tiers
+
+
+def _service_tiers(r: Reader, raw: Any, p: str) -> tuple[tuple[str, float], ...]:
+    """``{priority: 2.0, flex: 0.5}``: the factor on every rate per reported tier."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        r.fail(p, "must map a service tier name to a factor, e.g. {priority: 2.0}", raw)
+    out = []
+    for name, factor in raw.items():
+        r.string(name, f"{p}", r"[a-z][a-z0-9_]*")
+        f = r.number(factor, f"{p}.{name}")
+        if f <= 0:
+            r.fail(f"{p}.{name}", "must be above 0 (never free)", factor)
+        out.append((name, float(f)))
+    return tuple(out)
 
 
 def parse_pricing(r: Reader, raw: Any) -> Pricing:

@@ -17,7 +17,7 @@ import json
 
 from authz.apis import Api
 from authz.usage.anthropic import message_usage
-from authz.usage.openai import chat_usage, responses_usage
+from authz.usage.openai import chat_usage, responses_usage, with_tier
 from authz.usage.sse import SseUsageAccumulator, usage_after_abort
 from authz.usage.types import TokenUsage
 
@@ -35,6 +35,5 @@ def parse_json_usage(api: Api, body: bytes) -> TokenUsage | None:
     usage = obj.get("usage")
     if api is Api.ANTHROPIC_MESSAGES:
         return message_usage(usage)
-    if api is Api.OPENAI_RESPONSES:
-        return responses_usage(usage)
-    return chat_usage(usage)
+    found = responses_usage(usage) if api is Api.OPENAI_RESPONSES else chat_usage(usage)
+    return with_tier(found, obj)

@@ -48,7 +48,7 @@ def _counts(usage: Mapping[str, Any]) -> dict[str, int] | None:
     return counts
 
 
-def _from_counts(counts: Mapping[str, int]) -> TokenUsage | None:
+def _from_counts(counts: Mapping[str, int], tier: str = "") -> TokenUsage | None:
     if "input_tokens" not in counts:
         return None
     output = counts.get("output_tokens", 0)
@@ -57,7 +57,15 @@ def _from_counts(counts: Mapping[str, int]) -> TokenUsage | None:
         cached_input_tokens=counts.get("cache_read_input_tokens", 0),
         output_tokens=output,
         reasoning_tokens=min(counts.get("thinking_tokens", 0), output),
+        cache_write_tokens=counts.get("cache_creation_input_tokens", 0),
+        service_tier=tier,
     )
+
+
+def _tier(usage: Mapping[str, Any]) -> str:
+    """``usage.service_tier`` (standard, priority, batch), bounded: a label, not a blob."""
+    tier = usage.get("service_tier")
+    return tier if isinstance(tier, str) and len(tier) <= 32 else ""
 
 
 def message_usage(usage: object) -> TokenUsage | None:
@@ -65,13 +73,13 @@ def message_usage(usage: object) -> TokenUsage | None:
     if not isinstance(usage, Mapping) or count_field(usage, "output_tokens") is None:
         return None
     counts = _counts(usage)
-    return None if counts is None else _from_counts(counts)
+    return None if counts is None else _from_counts(counts, _tier(usage))
 
 
 class MessagesStream:
     """Messages API stream events -> usage (see the module docstring)."""
 
-    __slots__ = ("_counts", "output_chars", "output_tokens_seen", "seen", "usage")
+    __slots__ = ("_counts", "_tier", "output_chars", "output_tokens_seen", "seen", "usage")
 
     def __init__(self) -> None:
         self.usage: TokenUsage | None = None
@@ -79,6 +87,7 @@ class MessagesStream:
         self.output_chars = 0
         self.output_tokens_seen = 0
         self._counts: dict[str, int] = {}
+        self._tier = ""
 
     def on_event(self, event_type: str, data: Mapping[str, Any]) -> None:
         kind = data.get("type")
@@ -108,7 +117,8 @@ class MessagesStream:
         if counts is None:
             return  # an unreadable event: the stream settles from what else it showed
         self._counts.update(counts)
-        self.seen = _from_counts(self._counts)
+        self._tier = _tier(usage) or self._tier
+        self.seen = _from_counts(self._counts, self._tier)
         self.output_tokens_seen = max(self.output_tokens_seen, self._counts.get("output_tokens", 0))
         if final and self.seen is not None:
             self.usage = self.seen

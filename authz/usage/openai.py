@@ -11,6 +11,7 @@ prompt count and the reasoning tokens are part of the output count.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from authz.usage.types import TokenUsage, count_field, details_field
@@ -23,6 +24,7 @@ __all__ = [
     "chat_usage",
     "responses_event_chars",
     "responses_usage",
+    "with_tier",
 ]
 
 # Every way a Responses stream can end carries the final ``response`` with its usage:
@@ -94,6 +96,15 @@ def responses_usage(usage: object) -> TokenUsage | None:
     )
 
 
+def with_tier(usage: TokenUsage | None, response: Mapping[str, Any]) -> TokenUsage | None:
+    """``usage`` with the ``service_tier`` the response (or stream chunk) reports:
+    ``default``, ``priority``, ``flex``... which prices apart (authz.policy.prices)."""
+    tier = response.get("service_tier")
+    if usage is None or not isinstance(tier, str) or not tier or len(tier) > 32:
+        return usage
+    return replace(usage, service_tier=tier)
+
+
 def _text_len(obj: Mapping[str, Any], key: str) -> int:
     value = obj.get(key)
     return len(value) if isinstance(value, str) else 0
@@ -152,7 +163,7 @@ class ChatStream:
 
     def on_event(self, event_type: str, data: Mapping[str, Any]) -> None:
         self.output_chars += chat_chunk_chars(data)
-        usage = chat_usage(data.get("usage"))
+        usage = with_tier(chat_usage(data.get("usage")), data)
         if usage is not None:
             self.usage = self.seen = usage
             self.output_tokens_seen = usage.output_tokens
@@ -179,7 +190,7 @@ class ResponsesStream:
             response = data.get("response")
             if not isinstance(response, Mapping):
                 return
-            usage = responses_usage(response.get("usage"))
+            usage = with_tier(responses_usage(response.get("usage")), response)
             if usage is not None:
                 self.usage = self.seen = usage
                 self.output_tokens_seen = usage.output_tokens

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = ["StreamReader", "TokenUsage", "count_field", "details_field"]
@@ -16,7 +16,9 @@ class TokenUsage:
     ``input_tokens`` are the input tokens billed at the full rate: for OpenAI that is
     ``prompt_tokens - cached_tokens``; for Anthropic ``input_tokens +
     cache_creation_input_tokens`` (a cache write costs at least a normal read).
-    ``cached_input_tokens`` are the ones read from the prompt cache. ``output_tokens``
+    ``cached_input_tokens`` are the ones read from the prompt cache (Anthropic's
+    ``cache_creation_input_tokens`` are also in ``cache_write_tokens``, priced apart by
+    :mod:`authz.policy.prices`). ``output_tokens``
     already includes ``reasoning_tokens``, which are reported for observability only.
     ``exact`` is False when the numbers were reconstructed from a partial stream.
     """
@@ -26,6 +28,10 @@ class TokenUsage:
     output_tokens: int
     reasoning_tokens: int = 0
     exact: bool = True
+    # For prices only (authz.policy.prices); the ledger counts the three kinds above, and
+    # equality (what was consumed) is about those: these only say how it was billed.
+    cache_write_tokens: int = field(default=0, compare=False)  # of input_tokens, cached
+    service_tier: str = field(default="", compare=False)  # the tier that served it ("")
 
     @property
     def total_input(self) -> int:

@@ -18,6 +18,7 @@ sent it, so tests can check what Envoy/the service changed in it):
     x-fake-cached-tokens: N        part of the input read from cache (default 0)
     x-fake-cache-creation-tokens: N  part of the input written to cache (Anthropic only, default 0)
     x-fake-reasoning-tokens: N     hidden output tokens, added to output tokens (default 0)
+    x-fake-service-tier: S         the service_tier the answer reports (Chat JSON, Anthropic)
     x-fake-status: CODE            answer CODE with the API's error body instead
     x-fake-delay-ms: N             wait before the response headers
     x-fake-chunk-delay-ms: N       wait after each streamed word (client-disconnect tests)
@@ -141,6 +142,7 @@ class _Turn:
     reasoning: int
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    service_tier: str = ""  # x-fake-service-tier: the tier the answer says served it
 
     @property
     def output(self) -> int:
@@ -206,7 +208,7 @@ def _chat_json(t: _Turn) -> dict[str, Any]:
             }
         ],
         "usage": _openai_usage(t),
-        "service_tier": "default",
+        "service_tier": t.service_tier or "default",
         "system_fingerprint": "fp_fake",
     }
 
@@ -373,7 +375,7 @@ def _anthropic_usage(t: _Turn, output: int) -> dict[str, Any]:
         "cache_creation_input_tokens": t.cache_creation,
         "cache_read_input_tokens": t.cached,
         "output_tokens": output,
-        "service_tier": "standard",
+        "service_tier": t.service_tier or "standard",
     }
 
 
@@ -658,6 +660,7 @@ class FakeLLM:
             cache_creation=_int_header(request, "x-fake-cache-creation-tokens", 0),
             reasoning=reasoning,
             include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+            service_tier=request.headers.get("x-fake-service-tier", ""),
         )
 
     def _error(self, record: Record, status: int, message: str, builder: Any) -> web.Response:
