@@ -77,7 +77,7 @@ def test_every_snippet_of_the_budgets_doc_loads() -> None:
     """docs/budgets.md shows the snippet that turns each feature on: each must load."""
     doc = (Path(__file__).parents[2] / "docs" / "budgets.md").read_text()
     snippets = re.findall(r"```yaml\n(.*?)```", doc, re.S)
-    assert len(snippets) == 5
+    assert len(snippets) == 6  # edits, audit-only, rollover, model lists, groups, prices
     for text in snippets:
         if text.startswith("access:"):
             text += "budgets: []\n"
