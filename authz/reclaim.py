@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["RECLAIM_AT", "release_memory"]
+__all__ = ["RECLAIM_AT", "can_trim", "release_memory"]
 
 log = logging.getLogger("authz.reclaim")
 
@@ -53,6 +53,11 @@ def _malloc_trim() -> Callable[[int], int] | None:
     except (OSError, AttributeError):  # not glibc
         return None
     return trim
+
+
+def can_trim() -> bool:
+    """True on glibc, whose ``malloc_trim`` hands freed heap pages back to the OS."""
+    return _malloc_trim() is not None
 
 
 def release_memory(forgotten: int, now: float | None = None) -> bool:
