@@ -124,3 +124,10 @@ def test_what_a_burst_leaves_depends_on_the_allocator(name: str) -> None:
         assert kept < 0.25, f"{name} kept {kept:.0%} of the burst"
     else:  # the premise of allocator.py; if a new CPython gives arenas back, say so
         assert kept > 0.5, f"{name} kept only {kept:.0%}: is the restart still needed?"
+
+
+def test_the_image_and_the_script_set_it_before_start() -> None:
+    """So the container and scripts/serve start once, not twice (the restart is the net)."""
+    root = Path(__file__).resolve().parents[2]
+    assert "\nENV PYTHONMALLOC=malloc\n" in (root / "Dockerfile").read_text()
+    assert 'export PYTHONMALLOC="${PYTHONMALLOC:-malloc}"' in (root / "scripts/serve").read_text()
