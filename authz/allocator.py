@@ -6,8 +6,9 @@ idle, RSS back within 10% of what it was before them. With pymalloc it was not (
 of forgetting fixes that: pymalloc carves objects out of 1 MiB arenas and hands an
 arena back only when every object in it is gone. The burst's live set (each caller's
 minute rate counter: ~300 bytes for every caller of the last minute or two) outgrows the
-arenas the service had and fills new ones; a few objects made meanwhile that live on
-(a metric's value, a budget counter's new total) stay in nearly every one of them.
+arenas the service had and fills new ones, and anything made meanwhile that lives on
+(a metric's new value, a budget counter's new total: one per arena is enough) keeps
+them.
 Measured in the service (gdb, ``_PyObject_DebugMallocStats``): 30 arenas before 60k
 callers, 42 at the peak and still 42 after the idle, with fewer live bytes than before.
 glibc's malloc frees by the 4 KiB page (``malloc_trim``, authz.reclaim), so the same

@@ -10,7 +10,7 @@ After a warm-up of 1,000 users (``--warm-checks``, 60k: the steady state of what
 the request rate rather than the callers), RSS "before"; then N distinct users (200k by default,
 ES256 JWTs, so minting them takes seconds, not minutes) send one request each through
 Envoy (configuration e: ext_proc settles each), RSS at the peak (read between wrk runs:
-one 10 s run, then one for the rest); then nothing, and RSS
+one per file of 25k users, each sent once); then nothing, and RSS
 "after" once their minute windows have ended and the sweep has forgotten them (two
 rotations of the enforcer's memos, ``--idle-wait`` seconds). The policy is the bench's
 examples/policy.yaml without the per-user *daily* budget: a counter in a live window is
