@@ -22,6 +22,9 @@ USER 10001
 # breaker's usage journal. Mount a volume there (-v authz-state:/var/lib/authz/authz-state)
 # or budgets start full again with every new container. One container per volume.
 WORKDIR /var/lib/authz
+# glibc malloc, not pymalloc, so memory goes back after a burst of callers (see
+# authz/allocator.py; set it here so `authz serve` need not restart itself to get it).
+ENV PYTHONMALLOC=malloc
 EXPOSE 9191 9192
 # gRPC (ext_authz + ext_proc + health + reflection) on 9191, admin HTTP on 9192 (explicit
 # 0.0.0.0 here: out of the box, outside a container, both listen on 127.0.0.1 only).

@@ -284,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_envoy_config_command(sub)
     args = p.parse_args(argv)
+    if argv is None and args.command == "serve":  # a real command line, not a test's call
+        from authz.allocator import reexec_with_malloc
+
+        reexec_with_malloc()  # once, before the service allocates anything (allocator.py)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # envoy-config echoes it
     return int(args.fn(args))
 

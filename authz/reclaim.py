@@ -10,7 +10,9 @@ their objects inside the process, but CPython rarely returns that memory:
   them: +28% RSS after the callers left. So callers seen once get no memo entry at all
   (:class:`authz.recent.Doorkeeper`); what a one-off caller still leaves (its minute
   rate counter, its settled id) is small and follows the request rate, so few arenas
-  are filled. ``PYTHONMALLOC=malloc`` remains an option, at ~10-15% more CPU per check;
+  are filled. Still the burst's live set (the minute rate counters of its last callers)
+  outgrew the arenas and a few survivors pinned the new ones (+14-17%), so the service
+  runs on glibc malloc (authz.allocator), which this trim returns page by page;
 - glibc keeps freed pages until ``malloc_trim``; and the interpreter's free lists and
   any cyclic garbage keep objects until a full ``gc.collect()``.
 
@@ -31,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["RECLAIM_AT", "release_memory"]
+__all__ = ["RECLAIM_AT", "can_trim", "release_memory"]
 
 log = logging.getLogger("authz.reclaim")
 
@@ -53,6 +55,11 @@ def _malloc_trim() -> Callable[[int], int] | None:
     except (OSError, AttributeError):  # not glibc
         return None
     return trim
+
+
+def can_trim() -> bool:
+    """True on glibc, whose ``malloc_trim`` hands freed heap pages back to the OS."""
+    return _malloc_trim() is not None
 
 
 def release_memory(forgotten: int, now: float | None = None) -> bool:

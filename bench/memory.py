@@ -10,7 +10,7 @@ After a warm-up of 1,000 users (``--warm-checks``, 60k: the steady state of what
 the request rate rather than the callers), RSS "before"; then N distinct users (200k by default,
 ES256 JWTs, so minting them takes seconds, not minutes) send one request each through
 Envoy (configuration e: ext_proc settles each), RSS at the peak (read between wrk runs:
-one 10 s run, then one for the rest); then nothing, and RSS
+one per file of 25k users, each sent once); then nothing, and RSS
 "after" once their minute windows have ended and the sweep has forgotten them (two
 rotations of the enforcer's memos, ``--idle-wait`` seconds). The policy is the bench's
 examples/policy.yaml without the per-user *daily* budget: a counter in a live window is
@@ -34,6 +34,8 @@ from bench.wrk import run_wrk
 from tests.support.tokens import jwks_document, make_ec_key, make_rsa_key, mint
 
 __all__ = ["idle", "memory", "rss_mb"]
+
+LOAD_CHUNK = 25_000  # users per wrk run in ``--idle``
 
 
 def rss_mb(pid: int) -> float:
@@ -134,7 +136,13 @@ def idle(args: argparse.Namespace) -> int:
     users = args.idle_users
     print(f"minting {users:,} ES256 tokens ...", flush=True)
     warm = _idle_requests(workdir / "warm.txt", 10_000_000, 1000)
-    load = _idle_requests(workdir / "load.txt", 0, users)
+    # In files of LOAD_CHUNK users, each sent once by its own wrk run (wrk.lua "once"):
+    # wrk loads a whole file before it starts, and one of 200k requests (136 MB) took it
+    # over 14 minutes at a load average of 14.
+    chunks = [
+        _idle_requests(workdir / f"load-{first:07d}.txt", first, min(LOAD_CHUNK, users - first))
+        for first in range(0, users, LOAD_CHUNK)
+    ]
     key = "e" if args.ledger == "memory" else f"e/{args.ledger}"
     cfg = next(c for c in main_configs() if c.key == key)
     with running(cfg, workdir / "e", policy) as run:
@@ -146,15 +154,12 @@ def idle(args: argparse.Namespace) -> int:
         before = rss_mb(pid)
         base = _checks(run)
         print(f"  before: {before:7.1f} MB after {base:,} warm-up checks", flush=True)
-        peak, start, rate = before, time.monotonic(), 0.0
-        while (left := base + users - _checks(run)) > 0:
-            # Each wrk run starts again at the file's first request, and its end cuts the
-            # requests in flight (those cut between the Check and the response leave a
-            # reservation open for its 600 s TTL). So not 10 s slices (the same first
-            # users again and again) but, once a 10 s run has measured the rate (wrk's
-            # own: loading 200k requests takes it a while), one run for the rest.
-            duration = 10.0 if rate <= 0 else max(5.0, left / rate)
-            rate = run_wrk(run.url, load, duration_s=duration, connections=args.connections).rps
+        peak, start = before, time.monotonic()
+        for load in chunks:
+            # Every user of the file once, and wrk stops when all are answered: no user
+            # sent twice, no request cut between its Check and its response (that
+            # would leave its reservation open for the 600 s TTL, past the idle).
+            run_wrk(run.url, load, duration_s=3600, connections=args.connections, once=True)
             peak = max(peak, rss_mb(pid))
         loaded = _checks(run) - base
         print(f"  peak:   {peak:7.1f} MB after {loaded:,} checks of {users:,} users"

@@ -8,11 +8,16 @@
 -- RATE (requests/s for this thread, optional) paces sending to a fixed schedule: each
 -- send claims the next slot, so the thread keeps RATE whatever the latency (as long as
 -- connections are free), the wrk2 idea without wrk2. done() prints one JSON line.
+-- ONCE ("once" as the third argument, RATE 0 for none): every request of the file is
+-- sent exactly once, then the thread stops once all are answered: no second pass over
+-- the file, and no request cut between its Check and its response by the end of -d.
 
 local ffi = require("ffi")
 ffi.cdef [[
   typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
   int clock_gettime(int clk_id, bench_timespec *tp);
+  int getpid(void);
+  long syscall(long number, ...);
 ]]
 local ts = ffi.new("bench_timespec")
 local function now_ms()
@@ -22,7 +27,20 @@ end
 
 local requests = {}
 local n, i = 0, 0
+local once = false
 local interval, next_slot = nil, nil
+local answered = 0
+
+local function stop_when_all_answered(status, headers, body)
+  answered = answered + 1
+  if answered >= n and answered - 1 < n then
+    wrk.thread:stop()
+    -- wrk's main thread sleeps out -d whatever the threads do; SIGINT to it (tgkill,
+    -- syscall 234 on x86_64: to that thread, not any) ends the sleep, and wrk reports.
+    local pid = ffi.C.getpid()
+    ffi.C.syscall(234, ffi.cast("long", pid), ffi.cast("long", pid), ffi.cast("long", 2))
+  end
+end
 
 -- Pacing: each send claims the next slot of the schedule; a send that is late goes at
 -- once (and the schedule is reset if it fell a second behind, instead of bursting).
@@ -52,9 +70,14 @@ function init(args)
     -- path per request when it exists.
     delay = paced_delay
   end
+  if args[3] == "once" then
+    once = true
+    response = stop_when_all_answered -- wrk calls response() only if it exists
+  end
 end
 
 function request()
+  if once and i >= n then return requests[n] end -- until the stop: the last one again
   i = i % n + 1
   return requests[i]
 end

@@ -66,11 +66,15 @@ def run_wrk(
     threads: int = 1,
     rate: float | None = None,
     timeout_s: float = 5.0,
+    once: bool = False,
 ) -> WrkResult:
-    """One wrk run against ``url``; ``rate`` (total requests/s) paces it, else saturation."""
+    """One wrk run against ``url``; ``rate`` (total requests/s) paces it, else saturation.
+    ``once``: each request of the file once, then stop (``duration_s`` is an upper bound)."""
     args = [str(requests_file)]
-    if rate:
-        args.append(f"{rate / threads:.3f}")
+    if rate or once:
+        args.append(f"{(rate or 0) / threads:.3f}")
+    if once:
+        args.append("once")
     cmd = [
         find_wrk(), "-t", str(threads), "-c", str(connections),
         "-d", f"{max(1, round(duration_s))}s", "--timeout", f"{timeout_s:g}s",
