@@ -28,6 +28,7 @@ class DenyReason(StrEnum):
     BAD_REQUEST = "bad_request"
     PATH_NOT_ALLOWED = "path_not_allowed"
     LEDGER_UNAVAILABLE = "ledger_unavailable"
+    DIRECTORY_UNAVAILABLE = "directory_unavailable"  # authz/directory, on_down
 
 
 @dataclass(frozen=True, slots=True)

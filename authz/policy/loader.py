@@ -38,6 +38,7 @@ from authz.policy.loader_admission import (
     parse_schedule,
 )
 from authz.policy.loader_caps import CAP_KEYS, with_caps
+from authz.policy.loader_directory import parse_directory
 from authz.policy.loader_observability import parse_alerts, parse_audit
 from authz.policy.loader_requests import parse_unmetered
 from authz.policy.model import (
@@ -417,6 +418,7 @@ def parse_policy(data: Any, file: str) -> Policy:
             "audit",
             "alerts",
             "bounds",
+            "directory",
         },
         {"version", "identity", "subject", "budgets"},
     )
@@ -468,11 +470,15 @@ def parse_policy(data: Any, file: str) -> Policy:
             r.fail("ledger.url", f"{exc} (memory://, sqlite:///, redis://, rediss://"
                    " or redis+cluster://)",
                    redact_url(url))  # fmt: skip
+    subject = _subject(r, top["subject"])
+    directory = None
+    if "directory" in top:
+        directory, subject = parse_directory(r, top["directory"], base, subject)
     return Policy(
         source=file,
         timezone=tz,
         identity=_identity(r, top["identity"], base),
-        subject=_subject(r, top["subject"]),
+        subject=subject,
         budgets=budgets,
         weights=weights,
         models=_models(r, top.get("models", {})),
@@ -487,6 +493,7 @@ def parse_policy(data: Any, file: str) -> Policy:
         audit=parse_audit(r, top["audit"], base) if "audit" in top else AuditPolicy(),
         alerts=parse_alerts(r, top["alerts"]) if "alerts" in top else AlertPolicy(),
         bounds=parse_bounds(r, top.get("bounds", {})),
+        directory=directory,
     )
 
 

@@ -16,6 +16,7 @@ from authz.identity.settings import IdentitySettings
 from authz.paths import PathRule
 from authz.policy.admission import Pricing, QueuePolicy, Rate, Schedule, matches
 from authz.policy.bounds import BoundsSettings
+from authz.policy.directory import DirectorySettings
 from authz.policy.ledger_settings import BreakerSettings
 from authz.policy.observability import AlertPolicy, AuditPolicy
 from authz.recent import Recent
@@ -234,6 +235,7 @@ class Policy:
     audit: AuditPolicy = field(default_factory=AuditPolicy)
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
     bounds: BoundsSettings = field(default_factory=BoundsSettings)  # see policy/bounds.py
+    directory: DirectorySettings | None = None  # the org chart from LDAP (authz/directory)
     # Per-path memos (bounded, and forgotten when idle: authz.recent).
     _cache: Recent[tuple[Node, ...], tuple[Budget, ...]] = field(
         default_factory=Recent, compare=False, repr=False
