@@ -49,6 +49,17 @@ def _values(raw: Any) -> list[str]:
     return out
 
 
+def _close(conn: ldap3.Connection) -> None:
+    """Unbind, and close the socket whatever happened: ldap3 leaves it open when the
+    server is gone (the unbind cannot be sent) or a connect was refused."""
+    with contextlib.suppress(LDAPException, OSError):
+        conn.unbind()
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
 class LdapClient:
     """Lookups against one directory; call :meth:`lookup` from worker threads only."""
 
@@ -85,13 +96,21 @@ class LdapClient:
             self._server,
             user=self._s.bind_dn,
             password=password,
-            auto_bind=(
-                ldap3.AUTO_BIND_TLS_BEFORE_BIND if self._s.start_tls else ldap3.AUTO_BIND_NO_TLS
-            ),
-            receive_timeout=self._s.timeout_s,
+            auto_bind=ldap3.AUTO_BIND_NONE,
+            # whole seconds: ldap3 packs it into SO_RCVTIMEO (the cache bounds it finer)
+            receive_timeout=max(1, math.ceil(self._s.timeout_s)),
             read_only=True,
             raise_exceptions=False,
         )
+        try:  # step by step, so a refused bind closes its socket instead of leaking it
+            conn.open()
+            if self._s.start_tls and not conn.start_tls():
+                raise DirectoryUnavailable(f"StartTLS failed: {conn.result}")
+            if not conn.bind():
+                raise DirectoryUnavailable(f"bind refused: {conn.result.get('description')}")
+        except BaseException:
+            _close(conn)
+            raise
         self._local.conn = conn
         with self._lock:
             self._open.add(conn)
@@ -106,8 +125,7 @@ class LdapClient:
     def _unbind(self, conn: ldap3.Connection) -> None:
         with self._lock:
             self._open.discard(conn)
-        with contextlib.suppress(LDAPException, OSError):
-            conn.unbind()
+        _close(conn)
 
     def _search(self, conn: ldap3.Connection, base: str, flt: str, attrs: Sequence[str],
                 limit: int) -> tuple[int, list[dict[str, Any]]]:  # fmt: skip

@@ -20,6 +20,7 @@ the service binds as (never the root DN).
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -28,7 +29,15 @@ from pathlib import Path
 from tests.support.ports import free_port
 from tests.support.procs import HarnessError, terminate
 
-__all__ = ["BASE", "READER_DN", "READER_PASSWORD", "Slapd", "org_ldif", "person_ldif"]
+__all__ = [
+    "BASE",
+    "READER_DN",
+    "READER_PASSWORD",
+    "Slapd",
+    "group_ldif",
+    "org_ldif",
+    "person_ldif",
+]
 
 LOOPBACK = "127.0.0.1"
 BASE = "dc=example,dc=com"
@@ -59,7 +68,9 @@ def person_ldif(uid: str, department: str, *, cn: str | None = None) -> str:
 
 def group_ldif(name: str, members: list[str]) -> str:
     lines = [f"dn: cn={name},ou=groups,{BASE}", "objectClass: groupOfNames", f"cn: {name}"]
-    lines += [f"member: uid={m},ou=people,{BASE}" for m in members] or [f"member: {READER_DN}"]
+    # The reader is in every group: groupOfNames needs a member, even when a test moves
+    # the last person out.
+    lines += [f"member: uid={m},ou=people,{BASE}" for m in members] + [f"member: {READER_DN}"]
     return "\n".join(lines) + "\n\n"
 
 
@@ -145,8 +156,18 @@ class Slapd:
 
     def stop(self) -> None:
         if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)  # a paused slapd cannot take SIGTERM
             terminate(self._proc, grace=10)
             self._proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections, nothing answers (a hung server)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
 
     def _tool(self, tool: str, ldif: str, *extra: str) -> None:
         out = subprocess.run(
