@@ -37,6 +37,9 @@ __all__ = ["Directory"]
 
 log = logging.getLogger("authz.directory")
 _NOTHING: Mapping[str, str] = MappingProxyType({})
+# Looked up (never cached) by the probe while the directory is down: any answer, found
+# or not, means it answers again.
+PROBE_SUBJECT = "authz-directory-probe"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,7 @@ class Directory:
         self._background: set[asyncio.Task[Any]] = set()
         self._down_until = 0.0
         self._probing = False
+        self._watching: asyncio.Task[None] | None = None
         self.stats.on_down_mode = settings.on_down.mode
 
     async def levels(self, subject: str) -> Mapping[str, str]:
@@ -126,8 +130,24 @@ class Directory:
         now = self._clock.now()
         if now < self._down_until or self._probing:
             raise DirectoryUnavailable(f"down since the last failure: {self.stats.last_error}")
-        down = not self.stats.up
-        self._probing = down  # while down, one lookup at a time probes
+        self._probing = not self.stats.up  # while down, one lookup at a time probes
+        try:
+            levels = await self._ask(subject)
+        finally:
+            self._probing = False
+        ttl = self.settings.cache_s if levels is not None else self.settings.negative_cache_s
+        now = self._clock.now()
+        frozen = MappingProxyType(dict(levels)) if levels is not None else None
+        entry = _Entry(frozen, now, now + ttl)
+        self._entries[subject] = entry
+        self._entries.move_to_end(subject)
+        while len(self._entries) > self.settings.max_entries:
+            self._entries.popitem(last=False)
+        self.stats.entries = len(self._entries)
+        return entry
+
+    async def _ask(self, subject: str) -> Mapping[str, str] | None:
+        """One lookup on a worker thread, bounded in time; keeps the up/down state."""
         loop = asyncio.get_running_loop()
         try:
             levels = await asyncio.wait_for(
@@ -142,27 +162,36 @@ class Directory:
                             self.settings.on_down.mode)  # fmt: skip
             self.stats.went_down(why)
             self._down_until = self._clock.now() + self.settings.retry_s
+            self._watch_until_up()
             raise DirectoryUnavailable(why) from exc
-        finally:
-            self._probing = False
         if not self.stats.up:
             log.info("directory answers again")
         self.stats.lookup("found" if levels is not None else "not_found")
         self.stats.came_up()
-        ttl = self.settings.cache_s if levels is not None else self.settings.negative_cache_s
-        now = self._clock.now()
-        frozen = MappingProxyType(dict(levels)) if levels is not None else None
-        entry = _Entry(frozen, now, now + ttl)
-        self._entries[subject] = entry
-        self._entries.move_to_end(subject)
-        while len(self._entries) > self.settings.max_entries:
-            self._entries.popitem(last=False)
-        self.stats.entries = len(self._entries)
-        return entry
+        return levels
+
+    def _watch_until_up(self) -> None:
+        """While down, probe every ``retry_s`` even with no traffic: a replica taken out
+        of the Service by /readyz (on_down: deny) gets no check that could notice the
+        directory is back."""
+        if self._watching is not None and not self._watching.done():
+            return
+
+        async def watch() -> None:
+            while not self.stats.up:
+                await asyncio.sleep(max(self.settings.retry_s, 0.1))
+                if not self.stats.up and not self._probing:
+                    with contextlib.suppress(DirectoryUnavailable):
+                        await self._ask(PROBE_SUBJECT)
+
+        self._watching = asyncio.get_running_loop().create_task(watch())
 
     async def aclose(self) -> None:
-        for task in [*self._background, *self._inflight.values()]:
+        watching = [self._watching] if self._watching is not None else []
+        for task in [*self._background, *self._inflight.values(), *watching]:
             task.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Wait for lookups already on a thread (each bounded by the client's timeouts):
+        # one finishing after close() would open a connection nobody closes.
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         if self._client is not None:
             self._client.close()
