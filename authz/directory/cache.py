@@ -63,7 +63,9 @@ class Directory:
         self.stats = stats or DirectoryStats()
         self._clock = clock
         self._client = LdapClient(settings) if lookup is None else None
-        self._lookup_fn = lookup or self._client.lookup  # type: ignore[union-attr]
+        self._lookup_fn: Callable[[str], Mapping[str, str] | None] = (
+            lookup or self._client.lookup  # type: ignore[union-attr]
+        )
         self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="authz-ldap")
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[_Entry]] = {}
@@ -150,7 +152,7 @@ class Directory:
         """One lookup on a worker thread, bounded in time; keeps the up/down state."""
         loop = asyncio.get_running_loop()
         try:
-            levels = await asyncio.wait_for(
+            levels: Mapping[str, str] | None = await asyncio.wait_for(
                 loop.run_in_executor(self._pool, self._lookup_fn, subject),
                 self.settings.timeout_s,
             )
