@@ -160,7 +160,7 @@ class Enforcer:
             return Decision(Verdict.DENY, 401, DenyReason.UNAUTHENTICATED, exc.reason, str(exc))
         try:
             if self._directory is not None:  # the path changes with the directory: no memo
-                given = await given_for(self._directory, identity.claims)
+                given = await given_for(self._directory, policy.subject, identity.claims)
                 subject = map_subject(policy.subject, identity.claims, given)
             elif identity.kind == "envoy_jwt_authn":  # a fresh dict per request: no reuse
                 subject = map_subject(policy.subject, identity.claims)

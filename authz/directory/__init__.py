@@ -6,6 +6,7 @@ maps claims to a path; :func:`directory_nodes` is the same answer as path nodes,
 the management API (which lists the nodes "seen from the directory").
 
     directory = Directory(policy.directory, clock)     # one per policy's settings
+    given = await given_for(directory, policy.subject, claims)  # for map_subject
     nodes = await directory_nodes(directory, "alice")  # (Node("department", "research"),
                                                        #  Node("team", "nlp"))
 """
@@ -19,9 +20,9 @@ from authz.directory.cache import Directory
 from authz.directory.client import DirectoryUnavailable
 from authz.directory.stats import DirectoryStats
 from authz.policy.directory import DirectorySettings
-from authz.policy.model import HIERARCHY, Node
+from authz.policy.model import HIERARCHY, Node, SubjectRules
 from authz.policy.names import MAX_NAME_CHARS, escape_name
-from authz.policy.subject import Given
+from authz.policy.subject import Given, claimed_levels
 
 __all__ = [
     "Directory",
@@ -46,13 +47,17 @@ def subject_of(settings: DirectorySettings, claims: Mapping[str, Any]) -> str | 
     return text
 
 
-async def given_for(directory: Directory, claims: Mapping[str, Any]) -> Given:
+async def given_for(directory: Directory, rules: SubjectRules, claims: Mapping[str, Any]) -> Given:
     """What the directory says about the caller with these claims, for
-    :func:`authz.policy.subject.map_subject`. Raises :class:`DirectoryUnavailable`."""
+    :func:`authz.policy.subject.map_subject`. In ``fill`` mode, claims that name every
+    level the directory maps leave it unasked (and its outages irrelevant to them).
+    Raises :class:`DirectoryUnavailable`."""
     s = directory.settings
+    levels, replace = frozenset(s.level_names), s.mode == "replace"
     subject = subject_of(s, claims)
-    names = await directory.levels(subject) if subject is not None else {}
-    return Given(names, frozenset(s.level_names), s.mode == "replace")
+    if subject is None or (not replace and levels <= claimed_levels(rules, claims)):
+        return Given({}, levels, replace)
+    return Given(await directory.levels(subject), levels, replace)
 
 
 async def directory_nodes(directory: Directory, subject: str) -> tuple[Node, ...]:

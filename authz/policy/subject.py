@@ -22,7 +22,7 @@ from typing import Any
 from authz.policy.model import LevelRule, Node, SubjectPath, SubjectRules
 from authz.policy.names import MAX_NAME_CHARS, escape_name
 
-__all__ = ["Given", "SubjectUnmapped", "map_subject"]
+__all__ = ["Given", "SubjectUnmapped", "claimed_levels", "map_subject"]
 
 
 class SubjectUnmapped(Exception):
@@ -93,6 +93,12 @@ def _resolve(rule: LevelRule, claims: Mapping[str, Any]) -> str | None:
             if name is not None:
                 return name
     return None
+
+
+def claimed_levels(rules: SubjectRules, claims: Mapping[str, Any]) -> frozenset[str]:
+    """The levels above the leaf that the claims name (a directory in ``fill`` mode
+    need not be asked for them)."""
+    return frozenset(r.level for r in rules.levels if _resolve(r, claims) is not None)
 
 
 def map_subject(

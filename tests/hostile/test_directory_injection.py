@@ -73,7 +73,7 @@ async def directory(slapd: Slapd, tmp_path: Path) -> AsyncIterator[Directory]:
 
 
 async def place(directory: Directory, claims: dict[str, Any]) -> str:
-    return str(map_subject(RULES, claims, await given_for(directory, claims)))
+    return str(map_subject(RULES, claims, await given_for(directory, RULES, claims)))
 
 
 async def test_a_plain_subject_is_placed(directory: Directory) -> None:

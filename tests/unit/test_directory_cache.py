@@ -12,9 +12,10 @@ from dataclasses import replace
 import pytest
 
 from authz.clock import FakeClock
-from authz.directory import Directory, DirectoryUnavailable, directory_nodes
+from authz.directory import Directory, DirectoryUnavailable, directory_nodes, given_for
 from authz.policy.directory import DirectorySettings, LevelSource, OnDown
-from authz.policy.model import Node
+from authz.policy.model import LevelRule, Node, SubjectRules
+from authz.policy.subject import map_subject
 
 pytestmark = pytest.mark.unit
 
@@ -200,5 +201,24 @@ async def test_directory_nodes_escapes_names(fake: FakeDirectory) -> None:
             Node("team", "nlp"),
         )
         assert await directory_nodes(d, "nobody") == ()
+    finally:
+        await d.aclose()
+
+
+async def test_fill_mode_does_not_ask_when_claims_name_every_level(fake: FakeDirectory) -> None:
+    rules = SubjectRules(
+        levels=(LevelRule("org", ("org",)), LevelRule("department", ("department",))),
+        leaf=(LevelRule("user", ("sub",)),),
+    )
+    fake.down = True
+    d = make(fake, FakeClock(), mode="fill", on_down=OnDown("deny"))
+    try:
+        claims = {"org": "acme", "department": "finance", "sub": "alice"}
+        path = map_subject(rules, claims, await given_for(d, rules, claims))
+        assert str(path) == "org:acme/department:finance/user:alice"
+        assert fake.calls == []  # the claims said it all: a directory outage is irrelevant
+        with pytest.raises(DirectoryUnavailable):  # no department claim: asked, and down
+            await given_for(d, rules, {"org": "acme", "sub": "alice"})
+        assert fake.calls == ["alice"]
     finally:
         await d.aclose()
