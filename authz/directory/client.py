@@ -87,8 +87,10 @@ class LdapClient:
 
     def _connection(self) -> ldap3.Connection:
         conn: ldap3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and not conn.closed:
-            return conn
+        if conn is not None:
+            if not conn.closed:
+                return conn
+            self._unbind(conn)  # closed under us (the server hung up): forget it
         password = None
         if self._s.password_file is not None:
             password = Path(self._s.password_file).read_text(encoding="utf-8").rstrip("\r\n")
@@ -100,6 +102,7 @@ class LdapClient:
             # whole seconds: ldap3 packs it into SO_RCVTIMEO (the cache bounds it finer)
             receive_timeout=max(1, math.ceil(self._s.timeout_s)),
             read_only=True,
+            auto_referrals=False,  # AD refers to other domains: never chase them (time)
             raise_exceptions=False,
         )
         try:  # step by step, so a refused bind closes its socket instead of leaking it
