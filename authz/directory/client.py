@@ -49,6 +49,28 @@ def _values(raw: Any) -> list[str]:
     return out
 
 
+class _VerifiedTls(ldap3.Tls):  # type: ignore[misc]
+    """TLS whose certificate *and host name* the standard library checks.
+
+    ldap3 2.9.1 checks the name itself with ``ssl.match_hostname``, deprecated since
+    Python 3.7 and gone in 3.12 (where ldap3 falls back to a copy of its own). Here the
+    context does it during the handshake (``check_hostname``, ``server_hostname``), with
+    the defaults of :func:`ssl.create_default_context` (TLS 1.2 or later)."""
+
+    def __init__(self, ca_file: str | None, host: str) -> None:
+        super().__init__(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
+        self._context = ssl.create_default_context(cafile=ca_file)
+        self._host = host
+
+    def wrap_socket(self, connection: Any, do_handshake: bool = False) -> None:
+        connection.socket = self._context.wrap_socket(
+            connection.socket,
+            server_side=False,
+            do_handshake_on_connect=do_handshake,
+            server_hostname=self._host,
+        )
+
+
 def _close(conn: ldap3.Connection) -> None:
     """Unbind, and close the socket whatever happened: ldap3 leaves it open when the
     server is gone (the unbind cannot be sent) or a connect was refused."""
@@ -68,7 +90,7 @@ class LdapClient:
         url = urlsplit(settings.url)
         tls = None
         if url.scheme == "ldaps" or settings.start_tls:
-            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ca_file)
+            tls = _VerifiedTls(settings.ca_file, url.hostname or "localhost")
         self._server = ldap3.Server(
             url.hostname or "localhost",
             port=url.port,

@@ -17,6 +17,7 @@ import pytest
 from authz.clock import FakeClock
 from authz.directory import Directory, DirectoryUnavailable
 from authz.policy.directory import DirectorySettings, GroupSource, LevelSource, OnDown
+from tests.support.certs import TestCA
 from tests.support.slapd import (
     BASE,
     READER_DN,
@@ -171,3 +172,53 @@ async def test_a_wrong_password_is_a_failure_not_a_miss(make, tmp_path: Path) ->
     with pytest.raises(DirectoryUnavailable):
         await d.levels("alice")
     assert d.stats.lookups["error"] == 1
+
+
+@pytest.fixture
+def tls_slapd(tmp_path: Path) -> Iterator[Slapd]:
+    with Slapd(tmp_path / "slapd-tls", tls=True) as server:
+        server.add(person_ldif("alice", "research") + group_ldif("team-nlp", ["alice"]))
+        yield server
+
+
+@pytest.mark.parametrize("how", ["ldaps", "start_tls"])
+async def test_tls_with_the_servers_ca(tls_slapd: Slapd, tmp_path: Path, how: str) -> None:
+    url = tls_slapd.ldaps_url if how == "ldaps" else tls_slapd.url
+    s = settings(tls_slapd, tmp_path, url=url, start_tls=how == "start_tls",
+                 ca_file=str(tls_slapd.ca_path))  # fmt: skip
+    d = Directory(s, FakeClock())
+    try:
+        assert dict(await d.levels("alice")) == {"department": "research", "team": "nlp"}
+    finally:
+        await d.aclose()
+
+
+@pytest.mark.parametrize("how", ["ldaps", "start_tls"])
+async def test_tls_refuses_a_certificate_from_another_ca(
+    tls_slapd: Slapd, tmp_path: Path, how: str
+) -> None:
+    other = TestCA("not-the-slapd-ca").write(tmp_path / "other-ca.crt")
+    url = tls_slapd.ldaps_url if how == "ldaps" else tls_slapd.url
+    s = settings(tls_slapd, tmp_path, url=url, start_tls=how == "start_tls",
+                 ca_file=str(other), on_down=OnDown("deny"))  # fmt: skip
+    d = Directory(s, FakeClock())
+    try:
+        with pytest.raises(DirectoryUnavailable):
+            await d.levels("alice")
+        assert d.stats.lookups["error"] == 1
+    finally:
+        await d.aclose()
+
+
+async def test_tls_refuses_a_certificate_for_another_name(tmp_path: Path) -> None:
+    """The CA is right, the name is not: the certificate names localhost only, and the
+    directory is reached as 127.0.0.1."""
+    with Slapd(tmp_path / "slapd-tls", tls=True, tls_ips=()) as server:
+        s = settings(server, tmp_path, url=server.ldaps_url, ca_file=str(server.ca_path),
+                     on_down=OnDown("deny"))  # fmt: skip
+        d = Directory(s, FakeClock())
+        try:
+            with pytest.raises(DirectoryUnavailable, match=r"certificate verify failed.*(mismatch|match)"):
+                await d.levels("alice")
+        finally:
+            await d.aclose()

@@ -26,6 +26,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support.certs import TestCA
 from tests.support.ports import free_port
 from tests.support.procs import HarnessError, terminate
 
@@ -88,26 +89,52 @@ def org_ldif() -> str:
 class Slapd:
     """One real slapd; ``stop()`` then ``start()`` keeps the port and the data."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False, tls_ips: tuple[str, ...] = (LOOPBACK,)
+                 ) -> None:  # fmt: skip
         self.workdir = Path(workdir)
         self.port = free_port()
+        # tls: a certificate from a throwaway CA (ca_path), StartTLS on ldap:// and
+        # an ldaps:// port too (ldaps_url)
+        self.tls = tls
+        self.tls_port = free_port() if tls else 0
+        self.tls_ips = tls_ips  # the IPs the certificate names (its DNS name: localhost)
+        self.ca_path = self.workdir / "ca.crt"
         self.log_path = self.workdir / "slapd.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._loaded = False
+        self._conf = self.workdir / "slapd.conf"
 
     @property
     def url(self) -> str:
         return f"ldap://{LOOPBACK}:{self.port}"
 
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://{LOOPBACK}:{self.tls_port}"
+
+    def _tls_lines(self) -> str:
+        if not self.tls:
+            return ""
+        ca = TestCA("slapd-test-ca")
+        ca.write(self.ca_path)
+        cert, key = ca.issue("localhost", server=True, ips=self.tls_ips).write(
+            self.workdir, "slapd"
+        )
+        return (
+            f"TLSCACertificateFile {self.ca_path}\nTLSCertificateFile {cert}\n"
+            f"TLSCertificateKeyFile {key}\n"
+        )
+
     def _config(self) -> Path:
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         includes = "\n".join(f"include /etc/ldap/schema/{s}.schema" for s in _SCHEMAS)
-        conf = self.workdir / "slapd.conf"
+        conf = self._conf
         conf.write_text(
             f"{includes}\n"
             f"pidfile {self.workdir}/slapd.pid\nargsfile {self.workdir}/slapd.args\n"
             f"modulepath {_MODULES}\nmoduleload back_mdb\nmoduleload memberof\n"
+            f"{self._tls_lines()}"
             "database mdb\nmaxsize 10485760\n"
             f'suffix "{BASE}"\nrootdn "{ROOT_DN}"\nrootpw {ROOT_PASSWORD}\n'
             f"directory {data}\n"
@@ -121,12 +148,12 @@ class Slapd:
     def start(self) -> Slapd:
         binary = _binary("slapd")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self._config()
+        conf = self._config() if not (self.workdir / "slapd.conf").exists() else self._conf
         log = self.log_path.open("ab")
         try:
             # -d 0: stay in the foreground (terminate() can stop it), log nothing extra.
             self._proc = subprocess.Popen(
-                [binary, "-f", str(conf), "-h", f"{self.url}/", "-d", "0"],
+                [binary, "-f", str(conf), "-h", self._listen(), "-d", "0"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         finally:
@@ -142,6 +169,9 @@ class Slapd:
             self._loaded = True
             self.add(org_ldif())
         return self
+
+    def _listen(self) -> str:
+        return f"{self.url}/ {self.ldaps_url}/" if self.tls else f"{self.url}/"
 
     def _accepts(self) -> bool:
         try:
