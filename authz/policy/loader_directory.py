@@ -158,9 +158,9 @@ def parse_directory(
     """The directory's settings, and the subject rules with a rule for every level the
     directory maps (those the subject section lacks read only the directory)."""
     p = "directory"
-    m = r.mapping(raw, p, _KEYS | {"password"}, {"url", "base_dn", "user_filter", "levels"})
-    if "password" in m:
+    if isinstance(raw, dict) and "password" in raw:  # never echoed, never "allowed"
         r.fail(f"{p}.password", "is never written in the policy: use password_file")
+    m = r.mapping(raw, p, _KEYS, {"url", "base_dn", "user_filter", "levels"})
     url = r.string(m["url"], f"{p}.url")
     if not re.fullmatch(_URL, url):
         r.fail(f"{p}.url", "must be ldap://host[:port] or ldaps://host[:port]", url)

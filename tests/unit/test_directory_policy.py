@@ -184,3 +184,10 @@ def test_a_subject_the_directory_does_not_place(tmp_path: Path) -> None:
     path = map_subject(policy.subject, {"sub": "al"},
                        Given({"department": "r"}, frozenset({"department", "team"})))  # fmt: skip
     assert str(path) == "org:acme/department:r/user:al"
+
+
+def test_an_unknown_key_does_not_suggest_a_password(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as err:
+        load(tmp_path, {**DIRECTORY, "passwd": "x"})
+    assert "directory.passwd: unknown key" in str(err.value)
+    assert "password," not in str(err.value) and "password_file" in str(err.value)
