@@ -104,7 +104,8 @@ class Enforcer:
             self._windows = PeriodWindows(policy.timezone)
         if policy.directory != self._policy.directory:
             old_dir, self._directory = self._directory, self._new_directory(policy)
-            if old_dir is not None:
+            if old_dir is not None:  # closed with the enforcer (its threads idle till then)
+                old_dir.retire()
                 self._retired_directories.append(old_dir)
         self._policy = policy
 

@@ -73,6 +73,7 @@ class Directory:
         self._down_until = 0.0
         self._probing = False
         self._watching: asyncio.Task[None] | None = None
+        self._retired = False
         self.stats.on_down_mode = settings.on_down.mode
 
     async def levels(self, subject: str) -> Mapping[str, str]:
@@ -176,7 +177,7 @@ class Directory:
         """While down, probe every ``retry_s`` even with no traffic: a replica taken out
         of the Service by /readyz (on_down: deny) gets no check that could notice the
         directory is back."""
-        if self._watching is not None and not self._watching.done():
+        if self._retired or (self._watching is not None and not self._watching.done()):
             return
 
         async def watch() -> None:
@@ -187,6 +188,14 @@ class Directory:
                         await self._ask(PROBE_SUBJECT)
 
         self._watching = asyncio.get_running_loop().create_task(watch())
+
+    def retire(self) -> None:
+        """A reload replaced this directory: checks already waiting on it finish, but it
+        no longer probes, nor reports into the stats its successor now keeps."""
+        self._retired = True
+        if self._watching is not None:
+            self._watching.cancel()
+        self.stats = DirectoryStats()
 
     async def aclose(self) -> None:
         watching = [self._watching] if self._watching is not None else []
