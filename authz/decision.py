@@ -29,6 +29,7 @@ class DenyReason(StrEnum):
     PATH_NOT_ALLOWED = "path_not_allowed"
     LEDGER_UNAVAILABLE = "ledger_unavailable"
     MODEL_NOT_ALLOWED = "model_not_allowed"  # the node's access list (policy/access.py)
+    DIRECTORY_UNAVAILABLE = "directory_unavailable"  # authz/directory, on_down
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from authz.clock import Clock
 from authz.confirm import confirm as confirm_hold
 from authz.confirm import tentative
 from authz.decision import Decision, DenyReason, Verdict
+from authz.directory import Directory, DirectoryStats, DirectoryUnavailable, given_for
 from authz.errors import BodyError, IdentityError, LedgerUnavailable
 from authz.estimate import RequestEstimate, estimate_request
 from authz.groups import GroupPlanner
@@ -83,6 +84,11 @@ class Enforcer:
         self._groups = GroupPlanner()  # budgets shared by a group of callers (issue 16)
         self._subjects: Recent[int, tuple[Mapping[str, Any], SubjectPath]] = Recent()
         self._subjects_policy: Policy | None = None
+        # The org chart from LDAP (policy directory): kept across reloads unless its
+        # settings change; the stats outlive each Directory (metrics, /readyz).
+        self.directory_stats = DirectoryStats(configured=False)
+        self._retired_directories: list[Directory] = []
+        self._directory = self._new_directory(self._policy)
         self._idle_at = clock.now()  # the last forget_idle rotation
         store.on_change(self._use_policy)
 
@@ -101,7 +107,24 @@ class Enforcer:
             self._windows = PeriodWindows(
                 policy.timezone, previous=self._policy.timezone, since=self._clock.now()
             )
+        if policy.directory != self._policy.directory:
+            old_dir, self._directory = self._directory, self._new_directory(policy)
+            if old_dir is not None:  # closed with the enforcer (its threads idle till then)
+                old_dir.retire()
+                self._retired_directories.append(old_dir)
         self._policy = policy
+
+    def _new_directory(self, policy: Policy) -> Directory | None:
+        self.directory_stats.configured = policy.directory is not None
+        if policy.directory is None:
+            return None
+        self.directory_stats.up = True
+        return Directory(policy.directory, self._clock, self.directory_stats)
+
+    @property
+    def directory(self) -> Directory | None:
+        """The directory the current policy names (authz.directory.directory_nodes)."""
+        return self._directory
 
     @property
     def policy(self) -> Policy:
@@ -124,6 +147,9 @@ class Enforcer:
             self._warming.cancel()
         for auth in [*self._retired, self._auth]:
             await auth.aclose()
+        for directory in [*self._retired_directories, self._directory]:
+            if directory is not None:
+                await directory.aclose()
 
     # -- the request path ---------------------------------------------------------
     async def check(self, req: CheckInput) -> Decision:
@@ -139,12 +165,21 @@ class Enforcer:
         except IdentityError as exc:
             return Decision(Verdict.DENY, 401, DenyReason.UNAUTHENTICATED, exc.reason, str(exc))
         try:
-            if identity.kind == "envoy_jwt_authn":  # a fresh dict per request: nothing to reuse
+            if self._directory is not None:  # the path changes with the directory: no memo
+                given = await given_for(self._directory, policy.subject, identity.claims)
+                subject = map_subject(policy.subject, identity.claims, given)
+            elif identity.kind == "envoy_jwt_authn":  # a fresh dict per request: no reuse
                 subject = map_subject(policy.subject, identity.claims)
             else:
                 subject = self._subject(policy, identity.claims)
         except SubjectUnmapped as exc:
             return Decision(Verdict.DENY, 403, DenyReason.SUBJECT_UNMAPPED, exc.level, str(exc))
+        except DirectoryUnavailable as exc:
+            msg = ("The directory that names this caller's department and team is unreachable,"
+                   " and the policy refuses requests it cannot place (directory.on_down).")
+            log.debug("directory unavailable: %s", exc)
+            return Decision(Verdict.DENY, 503, DenyReason.DIRECTORY_UNAVAILABLE,
+                            "directory_down", msg, retry_after_s=1.0)  # fmt: skip
 
         # Metered whatever the spelling of the path; free only if requests.unmetered
         # lists every reading of it; anything else refused (authz.apis.route).

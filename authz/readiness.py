@@ -19,6 +19,11 @@ replica sharing the store out at once and turn a degraded service into an outage
 body then says ``"status": "degraded"`` with the breaker's snapshot, for operators and
 alerts.
 
+The directory (policy ``directory``, authz/directory) follows the same rule: down with
+``on_down: deny`` every check of a subject not in the cache would be a 503, so the
+replica is not ready; with ``last_known`` or ``fallback`` it still places callers and
+says ``"degraded"`` with the directory's state under ``"directory"``.
+
 Nothing here depends on traffic: :meth:`Readiness.watch` pings the ledger through the
 breaker every ``interval_s``, which both notices a store gone quiet and, once the
 breaker has cooled down, is its half-open probe, so an unready replica comes back
@@ -32,6 +37,7 @@ import asyncio
 import logging
 from typing import Any
 
+from authz.directory.stats import DirectoryStats
 from authz.ledger.breaker import BreakerLedger, BreakerState
 
 __all__ = ["Readiness"]
@@ -45,9 +51,25 @@ class Readiness:
         self._backend = backend
         self.serving = False  # set once the ports serve; cleared when stopping starts
         self.ledger_answered = breaker is None
+        self.directory: DirectoryStats | None = None  # the enforcer's, set by the server
 
     def state(self) -> tuple[bool, dict[str, Any]]:
         """(ready, the /readyz body)."""
+        ready, body = self._ledger_state()
+        d = self.directory
+        if d is None or not d.configured:
+            return ready, body
+        body["directory"] = d.as_dict()
+        if d.up or not ready:
+            return ready, body
+        if d.on_down_mode == "deny":
+            why = "directory unreachable: with on_down deny, uncached subjects would get 503"
+            return False, {**body, "status": "not ready", "reason": why}
+        if body["status"] == "ready":
+            body["status"], body["reason"] = "degraded", f"directory unreachable, {d.on_down_mode}"
+        return ready, body
+
+    def _ledger_state(self) -> tuple[bool, dict[str, Any]]:
         if self._breaker is None:
             ledger: dict[str, Any] = {"backend": self._backend}
         else:

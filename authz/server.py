@@ -189,6 +189,8 @@ async def serve(opts: ServeOptions) -> None:
 
     readiness = Readiness(breaker, type(inner).__name__)
     metrics.watch_breaker(breaker.snapshot if breaker is not None else None)
+    metrics.watch_directory(enforcer.directory_stats)
+    readiness.directory = enforcer.directory_stats
     admin = AdminServer(metrics, readiness.state)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

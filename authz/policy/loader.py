@@ -40,6 +40,7 @@ from authz.policy.loader_admission import (
 )
 from authz.policy.loader_budgets import BUDGET_KEYS, check_renames, with_budget_keys
 from authz.policy.loader_caps import CAP_KEYS, with_caps
+from authz.policy.loader_directory import parse_directory
 from authz.policy.loader_observability import parse_alerts, parse_audit
 from authz.policy.loader_requests import parse_unmetered
 from authz.policy.model import (
@@ -421,6 +422,7 @@ def parse_policy(data: Any, file: str) -> Policy:
             "alerts",
             "bounds",
             "access",
+            "directory",
         },
         {"version", "identity", "subject", "budgets"},
     )
@@ -479,11 +481,15 @@ def parse_policy(data: Any, file: str) -> Policy:
             r.fail("ledger.url", f"{exc} (memory://, sqlite:///, redis://, rediss://"
                    " or redis+cluster://)",
                    redact_url(url))  # fmt: skip
+    subject = _subject(r, top["subject"])
+    directory = None
+    if "directory" in top:
+        directory, subject = parse_directory(r, top["directory"], base, subject)
     return Policy(
         source=file,
         timezone=tz,
         identity=_identity(r, top["identity"], base),
-        subject=_subject(r, top["subject"]),
+        subject=subject,
         budgets=budgets,
         weights=weights,
         models=_models(r, top.get("models", {})),
@@ -499,6 +505,7 @@ def parse_policy(data: Any, file: str) -> Policy:
         alerts=parse_alerts(r, top["alerts"]) if "alerts" in top else AlertPolicy(),
         bounds=parse_bounds(r, top.get("bounds", {})),
         access=parse_access(r, top.get("access")),
+        directory=directory,
     )
 
 

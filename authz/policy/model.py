@@ -17,6 +17,7 @@ from authz.paths import PathRule
 from authz.policy.access import ModelAccess
 from authz.policy.admission import Pricing, QueuePolicy, Rate, Schedule, matches
 from authz.policy.bounds import BoundsSettings
+from authz.policy.directory import DirectorySettings
 from authz.policy.ledger_settings import BreakerSettings
 from authz.policy.observability import AlertPolicy, AuditPolicy
 from authz.recent import Recent
@@ -245,6 +246,7 @@ class Policy:
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
     bounds: BoundsSettings = field(default_factory=BoundsSettings)  # see policy/bounds.py
     access: ModelAccess = field(default_factory=ModelAccess)  # see policy/access.py
+    directory: DirectorySettings | None = None  # the org chart from LDAP (authz/directory)
     # Per-path memos (bounded, and forgotten when idle: authz.recent).
     _cache: Recent[tuple[Node, ...], tuple[Budget, ...]] = field(
         default_factory=Recent, compare=False, repr=False

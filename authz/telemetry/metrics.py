@@ -21,8 +21,10 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from authz.decision import Decision
+from authz.directory.stats import DirectoryStats
 from authz.ledger.circuit import BreakerSnapshot
 from authz.policy.model import SubjectPath
+from authz.telemetry.directory_metrics import DIRECTORY_METRIC_NAMES, DirectoryCollector
 from authz.usage.types import TokenUsage
 
 __all__ = ["METRIC_NAMES", "Metrics"]
@@ -54,6 +56,7 @@ METRIC_NAMES = (
     "authz_audit_failures_total",
     "authz_alerts_total",
     "authz_alert_deliveries_total",
+    *DIRECTORY_METRIC_NAMES,
 )
 
 
@@ -209,6 +212,11 @@ class Metrics:
         self.breaker_state.set_function(lambda: int(snapshot().state))
         self.journal_entries.set_function(lambda: snapshot().journal_entries)
         self.registry.register(_JournalReplays(lambda: _replays(snapshot())))
+
+
+    def watch_directory(self, stats: DirectoryStats) -> None:
+        """The directory's lookups, cache answers and state (authz/directory)."""
+        self.registry.register(DirectoryCollector(stats))
 
 
 def _replays(snap: BreakerSnapshot) -> tuple[int, int]:
