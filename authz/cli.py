@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_plaintext=args.insecure_plaintext,
         handle_key_file=args.handle_key_file,
         grace_s=args.drain_timeout,
+        manage_address=args.manage_address,
     )
     runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
@@ -121,6 +122,8 @@ def _supervise(args: argparse.Namespace) -> int:
             "--grpc-address", args.grpc_address,
             "--http-address", admin_address(args.http_address, i),
             "--check-http-address", args.check_http_address,
+            # One management listener (the first worker's); every worker applies allocations.
+            "--manage-address", args.manage_address if i == 0 else "",
             "--log-level", args.log_level,
             "--worker-index", str(i),
             "--state-dir", state_dir,
@@ -196,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         " POST /settle (AUTHZ_CHECK_HTTP_ADDRESS; default 127.0.0.1:9193; empty: off)."
         " The gRPC port's rules: off loopback it needs mTLS (--tls-*) or"
         " --insecure-plaintext. With --workers N the workers share it (docs/http-api.md)",
+    )
+    s.add_argument(
+        "--manage-address",
+        default="127.0.0.1:9194",
+        help="the quota management API: /v1/nodes, /v1/budgets, /v1/allocations, OpenAPI at"
+        " /v1/openapi.json (default 127.0.0.1:9194; empty: off). Off loopback it needs"
+        " --tls-cert/--tls-key or --insecure-plaintext (docs/management-api.md)",
     )
     s.add_argument(
         "--tls-cert",

@@ -28,6 +28,7 @@ class DenyReason(StrEnum):
     BAD_REQUEST = "bad_request"
     PATH_NOT_ALLOWED = "path_not_allowed"
     LEDGER_UNAVAILABLE = "ledger_unavailable"
+    NODE_FROZEN = "node_frozen"  # a runtime freeze (authz/manage) on the caller's path
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from authz.errors import BodyError, IdentityError, LedgerUnavailable
 from authz.estimate import RequestEstimate, estimate_request
 from authz.identity import Authenticator
 from authz.ledger.base import Ledger, Limit, Refusal, Reservation
+from authz.manage.overlay import Overlay
 from authz.observer import Observer
 from authz.offload import INLINE_BYTES, run_off_loop
 from authz.output_cap import cap_rules, reserve_capped
@@ -81,6 +82,9 @@ class Enforcer:
         self._subjects: Recent[int, tuple[Mapping[str, Any], SubjectPath]] = Recent()
         self._subjects_policy: Policy | None = None
         self._idle_at = clock.now()  # the last forget_idle rotation
+        # Runtime allocations over the YAML (authz/manage): freezes and raised or lowered
+        # amounts, applied to each plan. None: the YAML alone.
+        self.overlay: Overlay | None = None
         store.on_change(self._use_policy)
 
     def _use_policy(self, policy: Policy) -> None:
@@ -140,6 +144,12 @@ class Enforcer:
                 subject = self._subject(policy, identity.claims)
         except SubjectUnmapped as exc:
             return Decision(Verdict.DENY, 403, DenyReason.SUBJECT_UNMAPPED, exc.level, str(exc))
+        frozen = None if self.overlay is None else self.overlay.frozen(subject, self._clock.now())
+        if frozen is not None:
+            msg = (f"{frozen.node} is frozen by the quota administrators ({frozen.reason});"
+                   " new requests are refused until the freeze is lifted")  # fmt: skip
+            return Decision(Verdict.DENY, 403, DenyReason.NODE_FROZEN, "frozen", msg,
+                            subject=subject)  # fmt: skip
 
         # Metered whatever the spelling of the path; free only if requests.unmetered
         # lists every reading of it; anything else refused (authz.apis.route).
@@ -298,6 +308,8 @@ class Enforcer:
                            detail="model_not_priced", message=msg)  # fmt: skip
         if not plan:
             return allow
+        if self.overlay is not None:
+            plan = self.overlay.apply(plan, self._clock.now())
         limits = tuple(p.limit for p in plan)
         rates = {p.limit.key for p in plan if p.rate}
         expiry = tokens

@@ -17,6 +17,7 @@ from authz.paths import PathRule
 from authz.policy.admission import Pricing, QueuePolicy, Rate, Schedule, matches
 from authz.policy.bounds import BoundsSettings
 from authz.policy.ledger_settings import BreakerSettings
+from authz.policy.management import ManagementPolicy
 from authz.policy.observability import AlertPolicy, AuditPolicy
 from authz.recent import Recent
 from authz.usage.types import TokenUsage
@@ -234,6 +235,7 @@ class Policy:
     audit: AuditPolicy = field(default_factory=AuditPolicy)
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
     bounds: BoundsSettings = field(default_factory=BoundsSettings)  # see policy/bounds.py
+    management: ManagementPolicy = field(default_factory=ManagementPolicy)  # authz/manage
     # Per-path memos (bounded, and forgotten when idle: authz.recent).
     _cache: Recent[tuple[Node, ...], tuple[Budget, ...]] = field(
         default_factory=Recent, compare=False, repr=False
