@@ -154,6 +154,18 @@ def _check_config(args: argparse.Namespace) -> int:
         f"{args.file}: ok ({len(policy.budgets)} budgets, {len(policy.models.rules)} model rules, "
         f"timezone {policy.timezone.key})"
     )
+    if args.ledger:
+        from authz.errors import AuthzError
+        from authz.manage.effective import effective_lines
+
+        try:
+            lines = effective_lines(policy, args.ledger, args.state_dir)
+        except (AuthzError, ValueError) as exc:
+            print(f"error: allocations from {args.ledger}: {exc}", file=sys.stderr)
+            return 1
+        print("effective policy (allocations applied):")
+        for line in lines:
+            print(f"  {line}")
     if args.envoy:
         from pathlib import Path
 
@@ -283,10 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check-config", help="validate a policy file offline")
     c.add_argument("file")
     c.add_argument("--envoy", help="an Envoy bootstrap to cross-check (e.g. envoy/envoy.yaml)")
+    c.add_argument("--ledger", help="also show the runtime allocations kept beside this ledger"
+                   " (memory:// has none outside the service)")
+    c.add_argument("--state-dir", default=".", help="where a relative sqlite:/// path lives")
     c.set_defaults(fn=_check_config)
     h = sub.add_parser("hash-key", help="print the sha256 of an API key for the policy")
     h.add_argument("key", help="the key, or - to read it from stdin")
     h.set_defaults(fn=_hash_key)
+    from authz.manage.cli import add_manage_commands
+
+    add_manage_commands(sub)
     from authz.audit.cli import add_audit_commands
 
     add_audit_commands(sub)

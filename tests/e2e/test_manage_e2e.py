@@ -99,9 +99,9 @@ def test_denied_then_raised_through_the_api_then_served_on_both_replicas(
 ) -> None:
     a, b = replicas
     user = token(key, "ursula", "research")
-    with openai.OpenAI(base_url=envoy.url + "/v1", api_key=user, max_retries=0) as client:
-        with pytest.raises(openai.RateLimitError) as denied:
-            client.chat.completions.create(**BODY)
+    with (openai.OpenAI(base_url=envoy.url + "/v1", api_key=user, max_retries=0) as client,
+          pytest.raises(openai.RateLimitError) as denied):
+        client.chat.completions.create(**BODY)
     assert denied.value.code == "insufficient_quota"
     assert "dept-day" in denied.value.message and RESEARCH in denied.value.message
 
@@ -137,7 +137,7 @@ def test_denied_then_raised_through_the_api_then_served_on_both_replicas(
     deadline = time.monotonic() + 10
     while (status := _chat(envoy, user)) != 403:
         assert time.monotonic() < deadline and status == 200, status
-    with openai.OpenAI(base_url=envoy.url + "/v1", api_key=user, max_retries=0) as client:
-        with pytest.raises(openai.PermissionDeniedError) as refused:
-            client.chat.completions.create(**BODY)
+    with (openai.OpenAI(base_url=envoy.url + "/v1", api_key=user, max_retries=0) as client,
+          pytest.raises(openai.PermissionDeniedError) as refused):
+        client.chat.completions.create(**BODY)
     assert refused.value.code == "node_frozen" and "incident 7" in refused.value.message
