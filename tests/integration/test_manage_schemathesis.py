@@ -9,7 +9,6 @@ allocation store is a real file, and stops at the end (a leak fails the suite)."
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
