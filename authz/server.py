@@ -154,7 +154,7 @@ async def serve(opts: ServeOptions) -> None:
     if not isinstance(inner, MemoryLedger | SqliteLedger):
         breaker = _breaker(inner, store, clock, opts.state_dir)
     ledger = obs.ledger(breaker or inner)
-    manage = Management(store, ledger_url, opts.state_dir, clock)
+    manage = Management(store, ledger_url, opts.state_dir, clock, audit=obs.audit.record)
     enforcer = Enforcer(store, ledger, clock, observer=Observers([obs.observer, manage.seen]))
     enforcer.overlay = manage.overlay
     metrics.queue_depth.set_function(lambda: enforcer.queue_depth)

@@ -10,6 +10,7 @@ the field named in ``detail[].loc``. A store or ledger that cannot be reached is
 # No `from __future__ import annotations`: FastAPI reads these annotations at runtime,
 # and the route signatures name local aliases (Who) that a string could not resolve.
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -19,7 +20,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from authz.clock import Clock
 from authz.errors import AuthzError, LedgerUnavailable, PolicyError
 from authz.ledger.base import Ledger
-from authz.manage.model import NodeError, is_within, parse_node
+from authz.manage.api_requests import add_request_routes
+from authz.manage.model import Allocation, NodeError, is_within, parse_node
 from authz.manage.overlay import Overlay
 from authz.manage.roles import Caller, Denied, ManageAuth
 from authz.manage.schema import (
@@ -54,6 +56,8 @@ class ManageContext:
     overlay: Overlay
     auth: ManageAuth
     clock: Clock
+    # The audit chain (authz/audit/trail.py): (kind, data); None: not recorded.
+    audit: Callable[[str, dict[str, Any]], None] | None = None
 
 
 def _invalid(where: str, field: str, message: str) -> HTTPException:
@@ -76,15 +80,41 @@ def build_app(ctx: ManageContext) -> FastAPI:
     bearer = HTTPBearer(auto_error=False, description="a JWT of the policy's issuer, or an"
                         " admin key (management.admin_keys_file)")  # fmt: skip
 
-    async def caller(request: Request,
-                     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-                     ) -> Caller:  # fmt: skip
+    async def identify(request: Request, need_role: bool) -> Caller:
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
-            return await ctx.auth.caller(ctx.store.current, headers)
+            return await ctx.auth.caller(ctx.store.current, headers, need_role)
         except Denied as exc:
             extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             raise HTTPException(exc.status, exc.message, headers=extra) from None
+
+    async def caller(request: Request,
+                     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+                     ) -> Caller:  # fmt: skip
+        return await identify(request, True)
+
+    async def anyone(request: Request,
+                     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+                     ) -> Caller:  # fmt: skip
+        """Any verified caller, with or without a role (it may ask for quota)."""
+        return await identify(request, False)
+
+    def audit(kind: str, data: dict[str, Any]) -> None:
+        if ctx.audit is not None:
+            ctx.audit(kind, data)
+
+    def effective(a: Allocation, now: float) -> int | bool:
+        """What a change acts on: the budget's amount on the node, or whether it is frozen."""
+        if a.budget is None:
+            return ctx.overlay.frozen(parse_node(a.node), now) is not None
+        budget = next((b for b in ctx.store.current.budgets if b.name == a.budget), None)
+        base = budget.tokens + budget.soft_grace + budget.burst if budget is not None else 0
+        return max(0, base + ctx.overlay.delta(a.budget, a.node, now))
+
+    def changed(kind: str, who: Caller, a: Allocation, before: int | bool, now: float) -> None:
+        audit(kind, {"who": who.who, "allocation": a.id, "kind": a.kind, "node": a.node,
+                     "budget": a.budget, "tokens": a.tokens, "expires_at": a.expires_at,
+                     "why": a.reason, "before": before, "after": effective(a, now)})
 
     Who = Annotated[Caller, Depends(caller)]
 
@@ -95,7 +125,7 @@ def build_app(ctx: ManageContext) -> FastAPI:
             raise HTTPException(503, f"unavailable: {exc}") from None
 
     @app.get("/v1/me", response_model=CallerOut, responses=_ERRORS)
-    async def me(who: Who) -> CallerOut:
+    async def me(who: Annotated[Caller, Depends(anyone)]) -> CallerOut:
         """The caller and the roles its credential carries."""
         return CallerOut(who=who.who, grants=[GrantOut(role=g.role, scope=g.scope)
                                               for g in who.grants])  # fmt: skip
@@ -173,9 +203,11 @@ def build_app(ctx: ManageContext) -> FastAPI:
             if held + new.tokens > cap:
                 raise HTTPException(403, f"over your limit: raises on {new.budget} for"
                                     f" {new.node} may add up to {cap} ({held} already active)")
+        before = effective(new, now)
         await guarded(ctx.overlay.store.add(new))
         await guarded(ctx.overlay.store.purge(now - 86400.0))  # keep a day of expired ones
         await guarded(ctx.overlay.refresh())
+        changed("allocation_created", who, new, before, now)
         return AllocationOut.of(new, now)
 
     @app.delete("/v1/allocations/{allocation_id}", status_code=204, response_class=Response,
@@ -191,8 +223,12 @@ def build_app(ctx: ManageContext) -> FastAPI:
         grant, _ = who.writer(found.node, 0)
         if grant is None or (grant.role != "admin" and found.created_by != who.who):
             raise HTTPException(403, "only its author or an admin may withdraw it")
+        now = ctx.clock.now()
+        before = effective(found, now)
         await guarded(ctx.overlay.store.remove(allocation_id))
         await guarded(ctx.overlay.refresh())
+        changed("allocation_withdrawn", who, found, before, now)
         return Response(status_code=204)
 
+    add_request_routes(app, ctx, anyone, audit)
     return app

@@ -1,4 +1,5 @@
-"""``authz budgets`` and ``authz allocate``: the management API from a shell.
+"""``authz budgets``, ``authz allocate``, ``authz requests``: the management API from a
+shell.
 
 They speak HTTP to a running service's management API (``--api``, AUTHZ_MANAGE_URL,
 default http://127.0.0.1:9194) with a bearer token or an admin key (``--token``,
@@ -132,6 +133,44 @@ def _allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _requests(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        out = _call(args, "GET", "/v1/requests")
+        if args.json:
+            print(json.dumps(out, indent=2))
+        for r in [] if args.json else out["requests"]:
+            where = f"waiting at {r['waiting_at']}" if r["status"] == "pending" else (
+                f"by {r['decided_by']}")  # fmt: skip
+            print(f"{r['id']}  {r['status']:<8} {r['node']} {r['budget']} +{r['tokens']}"
+                  f"  {where}  asked by {r['requested_by']}: {r['reason']}")
+        return 0
+    if args.action == "ask":
+        if not (args.node and args.budget and args.tokens and args.reason):
+            print("authz: requests ask needs --node, --budget, --tokens and --reason",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        body: dict[str, Any] = {"node": args.node, "budget": args.budget,
+                                "tokens": args.tokens, "reason": args.reason}  # fmt: skip
+        if args.expires:
+            try:
+                body["expires_at"] = parse_when(args.expires, time.time())
+            except ValueError as exc:
+                print(f"authz: {exc}", file=sys.stderr)
+                return 2
+        out = _call(args, "POST", "/v1/requests", json=body)
+        print(json.dumps(out, indent=2) if args.json else
+              f"requested {out['id']} (waiting at {out['waiting_at']})")  # fmt: skip
+        return 0
+    if not args.id:
+        print(f"authz: requests {args.action} needs the request's id", file=sys.stderr)
+        return 2
+    out = _call(args, "POST", f"/v1/requests/{args.id}/{args.action}",
+                json={"note": args.note or ""})  # fmt: skip
+    print(json.dumps(out, indent=2) if args.json else f"{out['status']} {out['id']}"
+          + (f": allocation {out['allocation_id']}" if out["allocation_id"] else ""))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", default=os.environ.get("AUTHZ_MANAGE_URL", "http://127.0.0.1:9194"),
                    help="the management API (AUTHZ_MANAGE_URL; default http://127.0.0.1:9194)")
@@ -160,3 +199,15 @@ def add_manage_commands(sub: Any) -> None:
     a.add_argument("--withdraw", metavar="ID", help="withdraw an allocation")
     _common(a)
     a.set_defaults(fn=_allocate)
+    r = sub.add_parser("requests", help="ask for more quota, list, approve or reject requests"
+                       " through the management API")  # fmt: skip
+    r.add_argument("action", choices=("list", "ask", "approve", "reject"))
+    r.add_argument("id", nargs="?", help="the request (approve, reject)")
+    r.add_argument("--node", help="ask: a node on your own path")
+    r.add_argument("--budget", help="ask: the budget's name")
+    r.add_argument("--tokens", type=int, help="ask: units more")
+    r.add_argument("--expires", help="ask: +2h, an ISO 8601 time or epoch seconds")
+    r.add_argument("--reason", help="ask: why")
+    r.add_argument("--note", help="approve, reject: a note kept in the audit trail")
+    _common(r)
+    r.set_defaults(fn=_requests)

@@ -61,6 +61,7 @@ class Grant:
 class Caller:
     who: str  # "jwt:<sub>" or "key:<name>": recorded with each allocation
     grants: tuple[Grant, ...]
+    path: str | None = None  # a JWT caller's own node (it may ask for quota on its path)
 
     def can_read(self, node: str) -> bool:
         return any(g.covers(node) for g in self.grants)
@@ -111,7 +112,8 @@ class ManageAuth:
             self._auth, self._settings = Authenticator(settings, clock=self._clock), settings
         return self._auth
 
-    async def caller(self, policy: Policy, headers: Mapping[str, str]) -> Caller:
+    async def caller(self, policy: Policy, headers: Mapping[str, str],
+                     need_role: bool = True) -> Caller:  # fmt: skip
         credential = extract_credential(headers)
         if credential is None:
             raise Denied(401, "no credential: send Authorization: Bearer <token or admin key>")
@@ -139,9 +141,9 @@ class ManageAuth:
             scope = subject.prefix_key(rule.scope)
             if scope is not None and _holds(identity.claims, rule.claim, rule.value):
                 grants.append(Grant(rule.role, scope, rule))
-        if not grants:
+        if not grants and need_role:
             raise Denied(403, "the token carries no management role (policy management.roles)")
-        return Caller(f"jwt:{subject}", tuple(grants))
+        return Caller(f"jwt:{subject}", tuple(grants), str(subject))
 
     async def aclose(self) -> None:
         for auth in [*self._old, *([self._auth] if self._auth else [])]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from authz.clock import Clock
 from authz.errors import AuthzError
@@ -31,7 +33,8 @@ log = logging.getLogger("authz.manage")
 
 class Management:
     def __init__(self, store: PolicyStore, ledger_url: str, state_dir: str, clock: Clock,
-                 poll_s: float = 0.2) -> None:  # fmt: skip
+                 poll_s: float = 0.2,
+                 audit: Callable[[str, dict[str, Any]], None] | None = None) -> None:  # fmt: skip
         try:
             allocations = open_allocation_store(ledger_url, state_dir)
         except ValueError as exc:
@@ -41,6 +44,7 @@ class Management:
         self._store = store
         self._clock = clock
         self._auth = ManageAuth(clock)
+        self._audit = audit
         self._server: ManageServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -53,7 +57,8 @@ class Management:
         self._tasks.append(asyncio.create_task(self.overlay.follow()))
         self._tasks.append(asyncio.create_task(self._flush_seen()))
         if address:
-            ctx = ManageContext(self._store, ledger, self.overlay, self._auth, self._clock)
+            ctx = ManageContext(self._store, ledger, self.overlay, self._auth, self._clock,
+                                self._audit)
             self._server = ManageServer(build_app(ctx), tls)
             host, _, port = address.rpartition(":")
             await self._server.start(host.strip("[]") or "0.0.0.0", int(port))

@@ -51,6 +51,14 @@ class AllocationStore(Protocol):
         """Remember node keys seen in decisions."""
         ...
 
+    async def put_request(self, request_id: str, body: str) -> None:
+        """Store (or replace) a quota request's JSON (authz/manage/requests.py)."""
+        ...
+
+    async def requests(self) -> tuple[str, ...]:
+        """Every stored quota request's JSON."""
+        ...
+
     async def nodes(self) -> frozenset[str]:
         """The node keys remembered."""
         ...
@@ -62,6 +70,7 @@ class MemoryAllocationStore:
     def __init__(self) -> None:
         self._items: dict[str, Allocation] = {}
         self._nodes: set[str] = set()
+        self._requests: dict[str, str] = {}
         self._version = itertools.count(1)
         self._current = 0
 
@@ -101,6 +110,12 @@ class MemoryAllocationStore:
 
     async def nodes(self) -> frozenset[str]:
         return frozenset(self._nodes)
+
+    async def put_request(self, request_id: str, body: str) -> None:
+        self._requests[request_id] = body
+
+    async def requests(self) -> tuple[str, ...]:
+        return tuple(self._requests.values())
 
     async def close(self) -> None:
         return None

@@ -5,7 +5,8 @@ change the set and its version in one step:
 
 - ``{<prefix>:manage}:alloc``: a hash, allocation id -> JSON;
 - ``{<prefix>:manage}:version``: bumped on each write; replicas poll it;
-- ``{<prefix>:manage}:nodes``: a set of node keys seen in decisions.
+- ``{<prefix>:manage}:nodes``: a set of node keys seen in decisions;
+- ``{<prefix>:manage}:requests``: a hash, quota request id -> JSON.
 
 The client is the audit trail's (authz/audit/redis.py): the ledger's URL (host, db,
 credentials, ``prefix``), a connection pool of its own, so management traffic never
@@ -33,6 +34,7 @@ class RedisAllocationStore:
         self.hash_key = f"{tag}:alloc"
         self.version_key = f"{tag}:version"
         self.nodes_key = f"{tag}:nodes"
+        self.requests_key = f"{tag}:requests"
         source = resources.files("authz.manage").joinpath("write.lua").read_text()
         self._script = self._redis.register_script(source)
 
@@ -74,6 +76,13 @@ class RedisAllocationStore:
     async def nodes(self) -> frozenset[str]:
         raw = await self._call("nodes", self._redis.smembers(self.nodes_key))
         return frozenset(n.decode() for n in raw)
+
+    async def put_request(self, request_id: str, body: str) -> None:
+        await self._call("request", self._redis.hset(self.requests_key, request_id, body))
+
+    async def requests(self) -> tuple[str, ...]:
+        raw = await self._call("requests", self._redis.hvals(self.requests_key))
+        return tuple(b.decode() for b in raw)
 
     async def close(self) -> None:
         await self._redis.aclose()

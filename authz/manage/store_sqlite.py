@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS allocations (id TEXT PRIMARY KEY, expires_at REAL, bo
 CREATE TABLE IF NOT EXISTS version (one INTEGER PRIMARY KEY CHECK (one = 1), n INTEGER);
 INSERT OR IGNORE INTO version VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, body TEXT);
 """
 
 
@@ -116,6 +117,14 @@ class SqliteAllocationStore:
     async def nodes(self) -> frozenset[str]:
         rows = await self._run(lambda db: db.execute("SELECT node FROM nodes").fetchall())
         return frozenset(n for (n,) in rows)
+
+    async def put_request(self, request_id: str, body: str) -> None:
+        await self._run(lambda db: db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?)",
+                                              (request_id, body)))  # fmt: skip
+
+    async def requests(self) -> tuple[str, ...]:
+        rows = await self._run(lambda db: db.execute("SELECT body FROM requests").fetchall())
+        return tuple(body for (body,) in rows)
 
     async def close(self) -> None:
         with self._lock:

@@ -81,7 +81,8 @@ def _admin_keys(r: Reader, raw: Any, base: Path) -> tuple[tuple[str, str], ...]:
 
 
 def parse_management(r: Reader, raw: Any, base: Path) -> ManagementPolicy:
-    m = r.mapping(raw, "management", {"roles", "admin_keys_file"})
+    m = r.mapping(raw, "management", {"roles", "admin_keys_file", "escalate_after_s"})
     roles = r.items(m.get("roles"), "management.roles", lambda v, p: _rule(r, v, p))
     keys = _admin_keys(r, m["admin_keys_file"], base) if "admin_keys_file" in m else ()
-    return ManagementPolicy(roles=roles, admin_keys=keys)
+    escalate = r.number(m.get("escalate_after_s", 86400), "management.escalate_after_s", 1)
+    return ManagementPolicy(roles=roles, admin_keys=keys, escalate_after_s=escalate)

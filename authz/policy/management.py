@@ -49,3 +49,6 @@ class ManagementPolicy:
     roles: tuple[RoleRule, ...] = ()
     # sha256 hex digest -> key name, read from management.admin_keys_file at load time.
     admin_keys: tuple[tuple[str, str], ...] = ()
+    # A quota request nobody decides moves one level up the hierarchy after this long
+    # (authz/manage/requests.py).
+    escalate_after_s: float = 86400.0

@@ -85,3 +85,18 @@ async def test_survives_a_restart_and_round_trips(opened: tuple[AllocationStore,
     finally:
         if again is not store:
             await again.close()
+
+
+async def test_requests_are_kept_and_replaced(opened: tuple[AllocationStore, Opener]) -> None:
+    store, opener = opened
+    before = set(await store.requests())
+    await store.put_request("r1", '{"id": "r1", "status": "pending"}')
+    await store.put_request("r1", '{"id": "r1", "status": "approved"}')
+    await store.put_request("r2", '{"id": "r2", "status": "pending"}')
+    again = opener()
+    try:
+        assert set(await again.requests()) - before == {
+            '{"id": "r1", "status": "approved"}', '{"id": "r2", "status": "pending"}'}
+    finally:
+        if again is not store:
+            await again.close()

@@ -1,9 +1,9 @@
 """The management walk-through through the real Envoy, two replicas sharing Redis.
 
-A user of research is denied (the department's budget is spent); an approver of
-research raises the budget through replica A's management API; the user's next
-requests through Envoy (openai SDK), on both replicas (Envoy round-robins the checks),
-are served. A manager of the sibling department sales can neither see nor change any
+A user of research is denied (the department's budget is spent), asks for more
+through replica A's management API; an approver of research approves through replica
+B; the user's next requests through Envoy (openai SDK), on both replicas (Envoy
+round-robins the checks), are served. A manager of the sibling department sales can neither see nor change any
 of it (403), and a freeze by an admin turns the user away with a 403 in OpenAI's
 error format.
 """
@@ -107,20 +107,30 @@ def test_denied_then_raised_through_the_api_then_served_on_both_replicas(
 
     sales = bearer(token(key, "sam", "sales", ["dept-head"]))
     approver = bearer(token(key, "rita", "research", ["approver"]))
-    raise_ = {"kind": "adjust", "node": RESEARCH, "budget": "dept-day", "tokens": 100000,
-              "reason": "ursula's launch"}
+    ask = {"node": RESEARCH, "budget": "dept-day", "tokens": 100000, "reason": "launch week"}
     with httpx.Client(base_url=a.manage_url, timeout=20) as api:
-        # The sibling department's manager: nothing to see, nothing to change.
-        assert api.post("/v1/allocations", json=raise_, headers=sales).status_code == 403
+        # The user asks through replica A, with its own token (no role needed for that).
+        asked = api.post("/v1/requests", json=ask, headers=bearer(user))
+        assert asked.status_code == 201, asked.text
+        req = asked.json()
+        assert (req["status"], req["waiting_at"]) == ("pending", RESEARCH)
+    with httpx.Client(base_url=b.manage_url, timeout=20) as api:
+        # The sibling department's manager, on replica B: nothing to see or decide.
+        assert api.get("/v1/requests", headers=sales).json() == {"requests": []}
+        assert api.post(f"/v1/requests/{req['id']}/approve", json={},
+                        headers=sales).status_code == 404  # fmt: skip
         assert api.get("/v1/budgets", params={"node": RESEARCH},
                        headers=sales).status_code == 403  # fmt: skip
-        made = api.post("/v1/allocations", json=raise_, headers=approver)
-        assert made.status_code == 201, made.text
+        # Research's approver approves on replica B: it becomes an allocation.
+        done = api.post(f"/v1/requests/{req['id']}/approve", json={"note": "go"},
+                        headers=approver)  # fmt: skip
+        assert done.status_code == 200, done.text
+        assert done.json()["status"] == "approved"
         assert api.get("/v1/allocations", headers=sales).json() == {"allocations": []}
-        assert api.get(f"/v1/allocations/{made.json()['id']}",
+        assert api.get(f"/v1/allocations/{done.json()['allocation_id']}",
                        headers=sales).status_code == 404  # fmt: skip
 
-    # In force on replica A at once, on B within the poll (0.2 s): wait for the first
+    # In force on replica B at once, on A within the poll (0.2 s): wait for the first
     # success, then every check (round-robin over both replicas) must pass.
     deadline = time.monotonic() + 10
     while _chat(envoy, user) != 200:

@@ -63,8 +63,21 @@ def test_cli_mirrors_the_api_with_its_permissions(tmp_path: Path) -> None:
                     str(2**60), "--reason", "x", token_=ADMIN_KEY, api=svc.manage_url)
         assert bad.returncode == 1 and "422" in bad.stderr and "tokens" in bad.stderr
         assert authz("budgets", "--node", RESEARCH, api=svc.manage_url).returncode != 0
+        # authz requests: a user asks, the sibling cannot decide, the manager approves.
+        user = token(key, "ursula", "research")
+        asked = authz("requests", "ask", "--node", RESEARCH, "--budget", "dept-day",
+                      "--tokens", "100", "--reason", "launch", "--json",
+                      token_=user, api=svc.manage_url)  # fmt: skip
+        assert asked.returncode == 0, asked.stderr
+        rid = json.loads(asked.stdout)["id"]
+        out = authz("requests", "approve", rid, token_=sales, api=svc.manage_url)
+        assert out.returncode == 1 and out.stderr.startswith("authz: 404"), out.stderr
+        out = authz("requests", "approve", rid, "--note", "ok", token_=head, api=svc.manage_url)
+        assert out.returncode == 0 and out.stdout.startswith(f"approved {rid}"), out.stderr
+        listed = authz("requests", "list", token_=user, api=svc.manage_url)
+        assert f"{rid}  approved" in listed.stdout
     effective = authz("check-config", str(policy), "--ledger", "sqlite:///ledger.db",
                       "--state-dir", str(tmp_path))  # fmt: skip
     assert effective.returncode == 0, effective.stderr
-    assert (f"budget dept-day on {RESEARCH}: 1000 in the YAML, effective 1300"
-            f" ({alloc['id']} adjust +300)") in effective.stdout
+    assert (f"budget dept-day on {RESEARCH}: 1000 in the YAML, effective 1400"
+            f" ({alloc['id']} adjust +300, req-{rid} adjust +100)") in effective.stdout
