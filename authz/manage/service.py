@@ -40,6 +40,10 @@ class Management:
         except ValueError as exc:
             raise AuthzError(f"allocation store: {exc}") from exc
         self.overlay = Overlay(allocations, poll_s)
+        # A local store (memory, the sqlite file) is read before the first check; a Redis
+        # one by the follower, at once but without holding up start-up: Redis may not
+        # answer yet, and /readyz must say that about the ledger, not "not serving".
+        self._local = ledger_url.partition("://")[0] in ("memory", "sqlite")
         self.seen = SeenNodes(allocations)
         self._store = store
         self._clock = clock
@@ -50,10 +54,8 @@ class Management:
 
     async def start(self, ledger: Ledger, address: str, tls: TlsFiles | None) -> None:
         """Load the allocations (before the first check), follow them, serve the API."""
-        try:
+        if self._local:
             await self.overlay.refresh()
-        except Exception as exc:  # Redis not up yet: the follower keeps trying
-            log.error("allocations not loaded at start (retrying): %s", exc)
         self._tasks.append(asyncio.create_task(self.overlay.follow()))
         self._tasks.append(asyncio.create_task(self._flush_seen()))
         if address:
