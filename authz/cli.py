@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_plaintext=args.insecure_plaintext,
         handle_key_file=args.handle_key_file,
         grace_s=args.drain_timeout,
+        manage_address=args.manage_address,
     )
     runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     try:
@@ -121,6 +122,8 @@ def _supervise(args: argparse.Namespace) -> int:
             "--grpc-address", args.grpc_address,
             "--http-address", admin_address(args.http_address, i),
             "--check-http-address", args.check_http_address,
+            # One management listener (the first worker's); every worker applies allocations.
+            "--manage-address", args.manage_address if i == 0 else "",
             "--log-level", args.log_level,
             "--worker-index", str(i),
             "--state-dir", state_dir,
@@ -151,6 +154,18 @@ def _check_config(args: argparse.Namespace) -> int:
         f"{args.file}: ok ({len(policy.budgets)} budgets, {len(policy.models.rules)} model rules, "
         f"timezone {policy.timezone.key})"
     )
+    if args.ledger:
+        from authz.errors import AuthzError
+        from authz.manage.effective import effective_lines
+
+        try:
+            lines = effective_lines(policy, args.ledger, args.state_dir)
+        except (AuthzError, ValueError) as exc:
+            print(f"error: allocations from {args.ledger}: {exc}", file=sys.stderr)
+            return 1
+        print("effective policy (allocations applied):")
+        for line in lines:
+            print(f"  {line}")
     if args.envoy:
         from pathlib import Path
 
@@ -196,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         " POST /settle (AUTHZ_CHECK_HTTP_ADDRESS; default 127.0.0.1:9193; empty: off)."
         " The gRPC port's rules: off loopback it needs mTLS (--tls-*) or"
         " --insecure-plaintext. With --workers N the workers share it (docs/http-api.md)",
+    )
+    s.add_argument(
+        "--manage-address",
+        default="127.0.0.1:9194",
+        help="the quota management API: /v1/nodes, /v1/budgets, /v1/allocations, OpenAPI at"
+        " /v1/openapi.json (default 127.0.0.1:9194; empty: off). Off loopback it needs"
+        " --tls-cert/--tls-key or --insecure-plaintext (docs/management-api.md)",
     )
     s.add_argument(
         "--tls-cert",
@@ -273,10 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check-config", help="validate a policy file offline")
     c.add_argument("file")
     c.add_argument("--envoy", help="an Envoy bootstrap to cross-check (e.g. envoy/envoy.yaml)")
+    c.add_argument("--ledger", help="also show the runtime allocations kept beside this ledger"
+                   " (memory:// has none outside the service)")
+    c.add_argument("--state-dir", default=".", help="where a relative sqlite:/// path lives")
     c.set_defaults(fn=_check_config)
     h = sub.add_parser("hash-key", help="print the sha256 of an API key for the policy")
     h.add_argument("key", help="the key, or - to read it from stdin")
     h.set_defaults(fn=_hash_key)
+    from authz.manage.cli import add_manage_commands
+
+    add_manage_commands(sub)
     from authz.audit.cli import add_audit_commands
 
     add_audit_commands(sub)

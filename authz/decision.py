@@ -30,6 +30,7 @@ class DenyReason(StrEnum):
     LEDGER_UNAVAILABLE = "ledger_unavailable"
     MODEL_NOT_ALLOWED = "model_not_allowed"  # the node's access list (policy/access.py)
     DIRECTORY_UNAVAILABLE = "directory_unavailable"  # authz/directory, on_down
+    NODE_FROZEN = "node_frozen"  # a runtime freeze (authz/manage) on the caller's path
 
 
 @dataclass(frozen=True, slots=True)

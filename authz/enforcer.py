@@ -32,6 +32,7 @@ from authz.estimate import RequestEstimate, estimate_request
 from authz.groups import GroupPlanner
 from authz.identity import Authenticator
 from authz.ledger.base import Ledger, Limit, Refusal, Reservation
+from authz.manage.overlay import Overlay
 from authz.observer import Observer
 from authz.offload import INLINE_BYTES, run_off_loop
 from authz.output_cap import cap_rules, reserve_capped
@@ -90,6 +91,9 @@ class Enforcer:
         self._retired_directories: list[Directory] = []
         self._directory = self._new_directory(self._policy)
         self._idle_at = clock.now()  # the last forget_idle rotation
+        # Runtime allocations over the YAML (authz/manage): freezes and raised or lowered
+        # amounts, applied to each plan. None: the YAML alone.
+        self.overlay: Overlay | None = None
         store.on_change(self._use_policy)
 
     def _use_policy(self, policy: Policy) -> None:
@@ -180,6 +184,12 @@ class Enforcer:
             log.debug("directory unavailable: %s", exc)
             return Decision(Verdict.DENY, 503, DenyReason.DIRECTORY_UNAVAILABLE,
                             "directory_down", msg, retry_after_s=1.0)  # fmt: skip
+        frozen = None if self.overlay is None else self.overlay.frozen(subject, self._clock.now())
+        if frozen is not None:
+            msg = (f"{frozen.node} is frozen by the quota administrators ({frozen.reason});"
+                   " new requests are refused until the freeze is lifted")  # fmt: skip
+            return Decision(Verdict.DENY, 403, DenyReason.NODE_FROZEN, "frozen", msg,
+                            subject=subject)  # fmt: skip
 
         # Metered whatever the spelling of the path; free only if requests.unmetered
         # lists every reading of it; anything else refused (authz.apis.route).
@@ -344,6 +354,8 @@ class Enforcer:
                            detail="model_not_priced", message=msg)  # fmt: skip
         if not plan:
             return allow
+        if self.overlay is not None:
+            plan = self.overlay.apply(plan, self._clock.now())
         limits = tuple(p.limit for p in plan)
         rates = {p.limit.key for p in plan if p.rate}
         expiry = tokens

@@ -33,7 +33,9 @@ from authz.ledger.breaker import BreakerLedger
 from authz.ledger.journal import Journal
 from authz.ledger.sqlite import SqliteLedger
 from authz.listen import check_transport, ensure_free, jwt_authn_guard
+from authz.manage.service import Management
 from authz.observability import Observability
+from authz.observer import Observers
 from authz.policy.store import PolicyStore
 from authz.proto import (
     external_auth_pb2,
@@ -75,6 +77,9 @@ class ServeOptions:
     # The key that signs reservation handles (authz/handle_keys.py says where it comes
     # from without one): --handle-key-file, AUTHZ_HANDLE_KEY_FILE.
     handle_key_file: str | None = None
+    # The quota management API (authz/manage, docs/management-api.md). "" turns it off;
+    # allocations made through any replica's API apply here either way.
+    manage_address: str = "127.0.0.1:9194"
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -113,6 +118,9 @@ async def serve(opts: ServeOptions) -> None:
     if opts.check_http_address:
         check_transport(opts.check_http_address, mtls=mtls,
                         insecure_plaintext=opts.insecure_plaintext, what="HTTP check")  # fmt: skip
+    if opts.manage_address:
+        check_transport(opts.manage_address, mtls=mtls, what="management API",
+                        insecure_plaintext=opts.insecure_plaintext)  # fmt: skip
     store.guard(jwt_authn_guard(str(store.path), mtls=mtls))
     tls = ReloadingCredentials(opts.tls) if opts.tls is not None else None
     if not opts.reuse_port:  # --workers: the other workers hold the gRPC port on purpose
@@ -146,7 +154,9 @@ async def serve(opts: ServeOptions) -> None:
     if not isinstance(inner, MemoryLedger | SqliteLedger):
         breaker = _breaker(inner, store, clock, opts.state_dir)
     ledger = obs.ledger(breaker or inner)
-    enforcer = Enforcer(store, ledger, clock, observer=obs.observer)
+    manage = Management(store, ledger_url, opts.state_dir, clock, audit=obs.audit.record)
+    enforcer = Enforcer(store, ledger, clock, observer=Observers([obs.observer, manage.seen]))
+    enforcer.overlay = manage.overlay
     metrics.queue_depth.set_function(lambda: enforcer.queue_depth)
     enforcer.on_queue_wait(metrics.queue_wait.observe)
 
@@ -217,6 +227,7 @@ async def serve(opts: ServeOptions) -> None:
     await admin.start(*_split(opts.http_address))
     if opts.check_http_address:
         await check_http.start(*_split(opts.check_http_address), reuse_port=opts.reuse_port)
+    await manage.start(ledger, opts.manage_address, opts.tls)
     await server.start()
     for name in (
         "",
@@ -240,6 +251,7 @@ async def serve(opts: ServeOptions) -> None:
             "grpc_tls": "mtls" if tls is not None else "plaintext",
             "http": opts.http_address,
             "check_http": opts.check_http_address or "off",
+            "manage": opts.manage_address or "off",
             "policy": opts.config,
             "ledger": type(inner).__name__,
             "breaker_mode": store.current.breaker.mode if breaker else "none (embedded)",
@@ -253,6 +265,7 @@ async def serve(opts: ServeOptions) -> None:
     await health_servicer.enter_graceful_shutdown()
     # Both check ports refuse new requests, then wait for the running ones.
     await asyncio.gather(server.stop(opts.grace_s), check_http.stop())
+    await manage.stop()
     await checks.unanswered.drain()  # releases of answers Envoy never got
     await extproc.drain()
     for t in tasks:

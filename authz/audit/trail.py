@@ -13,8 +13,11 @@ Recorded (``kind``: ``data``):
   above what the request could have cost (clamped), or a body not read (too big decoded,
   an unsupported Content-Encoding: the reservation charged); counts, never content.
 
-Never a credential, a prompt, or the client's message text. Overrides and approvals
-are recorded once those features exist (they have no API yet).
+- ``allocation_created``, ``allocation_withdrawn``, ``quota_requested``,
+  ``request_approved``, ``request_rejected``: the management API (authz/manage), with
+  who, what, why and the amount (or frozen state) before and after.
+
+Never a credential, a prompt, or the client's message text.
 
 The request path only *queues* (:meth:`AuditTrail.decided` is an enforcer observer);
 one writer task appends in order, so the chain follows the order of events. A full
@@ -136,6 +139,10 @@ class AuditTrail:
     def settlement_bounded(self, event: SettlementBound) -> None:
         """A settlement charged other than the upstream reported (authz.usage.bounds)."""
         self._put("settlement_bounded", event.as_dict())
+
+    def record(self, kind: str, data: dict[str, Any]) -> None:
+        """An entry from elsewhere in the service (the management API's changes)."""
+        self._put(kind, data)
 
     def _put(self, kind: str, data: dict[str, Any]) -> None:
         if not self._policy.audit.enabled:

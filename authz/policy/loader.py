@@ -41,6 +41,7 @@ from authz.policy.loader_admission import (
 from authz.policy.loader_budgets import BUDGET_KEYS, check_renames, with_budget_keys
 from authz.policy.loader_caps import CAP_KEYS, with_caps
 from authz.policy.loader_directory import parse_directory
+from authz.policy.loader_management import parse_management
 from authz.policy.loader_observability import parse_alerts, parse_audit
 from authz.policy.loader_requests import parse_unmetered
 from authz.policy.model import (
@@ -59,7 +60,7 @@ from authz.policy.model import (
 )
 from authz.policy.observability import AlertPolicy, AuditPolicy
 
-__all__ = ["load_policy", "parse_policy"]
+__all__ = ["Reader", "load_policy", "parse_policy"]
 
 T = TypeVar("T")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -72,7 +73,9 @@ _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong, _SHOW.maxlevel = 120, 120, 60, 3
 
 
 class _Reader:
-    """Walks the YAML tree, raising PolicyError with the file and the dotted path."""
+    """Walks the YAML tree, raising PolicyError with the file and the dotted path.
+
+    Public as :data:`Reader`: runtime allocations (authz/manage) are validated by it too."""
 
     def __init__(self, file: str) -> None:
         self.file = file
@@ -158,6 +161,9 @@ class _Reader:
         if not isinstance(value, list):
             self.fail(path, "must be a list", value)
         return tuple(each(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+Reader = _Reader
 
 
 def _identity(r: _Reader, raw: Any, base: Path) -> IdentitySettings:
@@ -423,6 +429,7 @@ def parse_policy(data: Any, file: str) -> Policy:
             "bounds",
             "access",
             "directory",
+            "management",
         },
         {"version", "identity", "subject", "budgets"},
     )
@@ -506,6 +513,7 @@ def parse_policy(data: Any, file: str) -> Policy:
         bounds=parse_bounds(r, top.get("bounds", {})),
         access=parse_access(r, top.get("access")),
         directory=directory,
+        management=parse_management(r, top.get("management", {}), base),
     )
 
 

@@ -19,6 +19,7 @@ from authz.policy.admission import Pricing, QueuePolicy, Rate, Schedule, matches
 from authz.policy.bounds import BoundsSettings
 from authz.policy.directory import DirectorySettings
 from authz.policy.ledger_settings import BreakerSettings
+from authz.policy.management import ManagementPolicy
 from authz.policy.observability import AlertPolicy, AuditPolicy
 from authz.recent import Recent
 from authz.usage.types import TokenUsage
@@ -247,6 +248,7 @@ class Policy:
     bounds: BoundsSettings = field(default_factory=BoundsSettings)  # see policy/bounds.py
     access: ModelAccess = field(default_factory=ModelAccess)  # see policy/access.py
     directory: DirectorySettings | None = None  # the org chart from LDAP (authz/directory)
+    management: ManagementPolicy = field(default_factory=ManagementPolicy)  # authz/manage
     # Per-path memos (bounded, and forgotten when idle: authz.recent).
     _cache: Recent[tuple[Node, ...], tuple[Budget, ...]] = field(
         default_factory=Recent, compare=False, repr=False

@@ -6,6 +6,7 @@ Contract with the CLI (``python -m authz serve``)::
     --grpc-address H:P       ext_authz Check + ext_proc Process (what Envoy's `authz` cluster hits)
     --http-address H:P       admin HTTP: GET /readyz -> 200 once it takes checks, GET /metrics
     --check-http-address H:P the HTTP check API (/check/<path>, POST /settle); a free port
+    --manage-address H:P     the management API (/v1/...); a free port
     SIGTERM                  graceful stop: stop taking checks, flush pending usage, exit 0
 """
 
@@ -45,6 +46,7 @@ class AuthzService:
         grpc_port: int | None = None,
         http_port: int | None = None,
         check_http_port: int | None = None,
+        manage_port: int | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         workdir: Path | None = None,
@@ -58,6 +60,7 @@ class AuthzService:
         self.http_port = http_port or free_port()
         # Always a port of its own: the default (9193) would collide between services.
         self.check_http_port = check_http_port or free_port()
+        self.manage_port = manage_port or free_port()  # the default 9194 would collide too
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.workdir = Path(workdir) if workdir else self.config.parent
@@ -79,6 +82,10 @@ class AuthzService:
         return f"http://127.0.0.1:{self.check_http_port}"
 
     @property
+    def manage_url(self) -> str:
+        return f"http://127.0.0.1:{self.manage_port}"
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
@@ -94,6 +101,8 @@ class AuthzService:
             "--http-address", f"127.0.0.1:{self.http_port}",
             *(() if "--check-http-address" in self.extra_args else
               ("--check-http-address", f"127.0.0.1:{self.check_http_port}")),
+            *(() if "--manage-address" in self.extra_args else
+              ("--manage-address", f"127.0.0.1:{self.manage_port}")),
             *self.extra_args,
         ]  # fmt: skip
 

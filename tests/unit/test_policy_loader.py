@@ -18,7 +18,7 @@ ROOT = Path(__file__).parent.parent.parent
 BAD = {
     "bad_period": "budgets[0].period: must be one of hour, day, week, month (got 'fortnight')",
     "bad_tokens": "budgets[1].tokens: must be an integer >= 1 (got -5)",
-    "bad_unknown_key": "budgetz: unknown key; allowed: access, alerts, audit, bounds, budgets, directory, identity, ledger, models, prices, "
+    "bad_unknown_key": "budgetz: unknown key; allowed: access, alerts, audit, bounds, budgets, directory, identity, ledger, management, models, prices, "
     "queue, rates, requests, reservations, schedule, subject, timezone, version, weights",
     "bad_timezone": "timezone: is not a known IANA timezone (got 'Mars/Olympus')",
     "bad_algorithm": "identity.jwt.algorithms[0]: must be an asymmetric algorithm (ES256, ES384, ES512, "
