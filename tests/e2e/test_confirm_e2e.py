@@ -16,23 +16,26 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
 import httpx
 import pytest
-import redis as redis_py
 
 from authz.proto import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from tests.e2e.redis_env import (  # noqa: F401  (fixtures, found by name)
+    day_counter,
+    gw_fixture,
+    redis_fixture,
+    redis_service,
+)
 from tests.e2e.spine_env import token
 from tests.support.envoy_proc import EnvoyProcess
 from tests.support.fake_llm import FakeLLMThread
-from tests.support.jwks_server import JwksServer
 from tests.support.procs import wait_until
 from tests.support.redis_proc import RedisServer
 from tests.support.service import AuthzService
-from tests.support.tokens import SigningKey, make_ec_key, make_rsa_key
+from tests.support.tokens import SigningKey, make_rsa_key
 
 pytestmark = pytest.mark.e2e
 
@@ -59,12 +62,6 @@ BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def rsa() -> SigningKey:
     return make_rsa_key("confirm-rsa")
 
@@ -73,30 +70,12 @@ def rsa() -> SigningKey:
 def service(
     tmp_path_factory: pytest.TempPathFactory, rsa: SigningKey, redis: RedisServer, authz_port: int
 ) -> Iterator[AuthzService]:
-    with JwksServer(rsa, make_ec_key("confirm-ec")) as jwks:
-        workdir = tmp_path_factory.mktemp("confirm")
-        policy = workdir / "policy.yaml"
-        policy.write_text(POLICY.format(jwks_url=jwks.url, journal=workdir / "journal.jsonl"))
-        args = ["--ledger", redis.url + "?lease=off"]
-        with AuthzService(policy, grpc_port=authz_port, workdir=workdir, extra_args=args) as svc:
-            yield svc
-
-
-@pytest.fixture
-def gw(envoy: EnvoyProcess, service: AuthzService, fake_llm: FakeLLMThread) -> EnvoyProcess:
-    return envoy
+    with redis_service(tmp_path_factory, "confirm", POLICY, rsa, redis, authz_port) as svc:
+        yield svc
 
 
 def counter(redis: RedisServer, user: str) -> tuple[int, int] | None:
-    """(used, held) of the user's day counter in Redis; None before it exists."""
-    start = int(time.time() // 86400 * 86400)
-    key = f"authz:{{{ORG}}}:c:user-day|org:{ORG}/user:{user}|{start}"
-    client = redis_py.Redis.from_url(redis.url)
-    try:
-        a, u, r = client.hmget(key, "a", "u", "r")
-    finally:
-        client.close()
-    return None if a is None else (int(u or 0), int(r or 0))
+    return day_counter(redis, ORG, "user-day", user)
 
 
 def unused_check(service: AuthzService, bearer: str) -> None:

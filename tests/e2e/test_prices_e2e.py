@@ -8,23 +8,26 @@ prices table says those cost (micro-dollars), the token budget's the raw tokens.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import anthropic
 import openai
 import pytest
-import redis as redis_py
 
+from tests.e2e.redis_env import (  # noqa: F401  (fixtures, found by name)
+    day_counter,
+    gw_fixture,
+    redis_fixture,
+    redis_service,
+)
 from tests.e2e.spine_env import token
 from tests.support.clients import closing
 from tests.support.envoy_proc import EnvoyProcess
 from tests.support.fake_llm import FakeLLMThread
-from tests.support.jwks_server import JwksServer
 from tests.support.procs import wait_until
 from tests.support.redis_proc import RedisServer
 from tests.support.service import AuthzService
-from tests.support.tokens import SigningKey, make_ec_key, make_rsa_key
+from tests.support.tokens import SigningKey, make_rsa_key
 
 pytestmark = pytest.mark.e2e
 
@@ -54,12 +57,6 @@ prices:
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def rsa() -> SigningKey:
     return make_rsa_key("prices-rsa")
 
@@ -68,30 +65,12 @@ def rsa() -> SigningKey:
 def service(
     tmp_path_factory: pytest.TempPathFactory, rsa: SigningKey, redis: RedisServer, authz_port: int
 ) -> Iterator[AuthzService]:
-    with JwksServer(rsa, make_ec_key("prices-ec")) as jwks:
-        workdir = tmp_path_factory.mktemp("prices")
-        policy = workdir / "policy.yaml"
-        policy.write_text(POLICY.format(jwks_url=jwks.url))
-        args = ["--ledger", redis.url + "?lease=off"]
-        with AuthzService(policy, grpc_port=authz_port, workdir=workdir, extra_args=args) as svc:
-            yield svc
-
-
-@pytest.fixture
-def gw(envoy: EnvoyProcess, service: AuthzService, fake_llm: FakeLLMThread) -> EnvoyProcess:
-    return envoy
+    with redis_service(tmp_path_factory, "prices", POLICY, rsa, redis, authz_port) as svc:
+        yield svc
 
 
 def used(redis: RedisServer, budget: str, user: str) -> tuple[int, int] | None:
-    """(used, held) of the user's day counter of ``budget``; None before it exists."""
-    start = int(time.time() // 86400 * 86400)
-    key = f"authz:{{{ORG}}}:c:{budget}|org:{ORG}/user:{user}|{start}"
-    client = redis_py.Redis.from_url(redis.url)
-    try:
-        a, u, r = client.hmget(key, "a", "u", "r")
-    finally:
-        client.close()
-    return None if a is None else (int(u or 0), int(r or 0))
+    return day_counter(redis, ORG, budget, user)
 
 
 def settled_to(redis: RedisServer, user: str, cost: int, tokens: int) -> None:
