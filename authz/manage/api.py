@@ -21,6 +21,7 @@ from authz.clock import Clock
 from authz.errors import AuthzError, LedgerUnavailable, PolicyError
 from authz.ledger.base import Ledger
 from authz.manage.api_requests import add_request_routes
+from authz.manage.body_limit import BodyLimit
 from authz.manage.model import Allocation, NodeError, is_within, parse_node
 from authz.manage.overlay import Overlay
 from authz.manage.roles import Caller, Denied, ManageAuth
@@ -77,6 +78,7 @@ def _node(value: str, caller: Caller) -> str:
 def build_app(ctx: ManageContext) -> FastAPI:
     app = FastAPI(title="authz quota management", version="1", openapi_url="/v1/openapi.json",
                   docs_url=None, redoc_url=None)  # fmt: skip
+    app.add_middleware(BodyLimit)  # every body here is a small JSON object (body_limit.py)
     bearer = HTTPBearer(auto_error=False, description="a JWT of the policy's issuer, or an"
                         " admin key (management.admin_keys_file)")  # fmt: skip
 
