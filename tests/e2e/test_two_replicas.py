@@ -241,6 +241,6 @@ def test_replicas_leave_nothing_reserved_on_shutdown(
     gw: EnvoyProcess, redis: RedisServer, replicas: list[AuthzService]
 ) -> None:
     for svc in replicas:
-        assert svc.stop() == 0
+        assert svc.stop() == 0, svc.stderr_tail()
     used, held, _ = counter_and_rollup(redis, "twin-day", "twin")
     assert held == 0 and used > 0

@@ -170,8 +170,13 @@ class AuthzService:
             raise HarnessError("authz service was never started")
         return self._proc.wait(timeout)
 
-    def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM, wait ``grace`` s, then SIGKILL. The exit code (None if never started)."""
+    def stop(self, grace: float = 30.0) -> int | None:
+        """SIGTERM, wait ``grace`` s, then SIGKILL. The exit code (None if never started).
+
+        ``grace`` is longer than the service's own drain (``--drain-timeout``, 10 s): a
+        stream Envoy still holds when the test stops the service is waited for up to 10 s
+        before the rest of the shutdown runs, so a 10 s grace here could SIGKILL a clean
+        stop on a loaded machine."""
         if self._proc is None:
             return None
         return terminate(self._proc, grace)
@@ -179,7 +184,7 @@ class AuthzService:
     async def astart(self) -> AuthzService:
         return await asyncio.to_thread(self.start)
 
-    async def astop(self, grace: float = 10.0) -> int | None:
+    async def astop(self, grace: float = 30.0) -> int | None:
         return await asyncio.to_thread(self.stop, grace)
 
     def __enter__(self) -> AuthzService:
