@@ -13,6 +13,8 @@ import contextlib
 import logging
 import os
 import signal
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import grpc
@@ -85,6 +87,19 @@ class ServeOptions:
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+# A shutdown phase slower than this is logged with its name and time: a stop that takes
+# long then says where (the harness prints the log of a replica that was killed).
+SLOW_PHASE_S = 2.0
+
+
+async def _phase(name: str, step: Awaitable[object]) -> None:
+    started = time.monotonic()
+    await step
+    took = time.monotonic() - started
+    if took > SLOW_PHASE_S:
+        log.warning("stopping: %s took %.1f s", name, took)
 
 
 async def _every(interval: float, fn: object) -> None:
@@ -264,17 +279,17 @@ async def serve(opts: ServeOptions) -> None:
     readiness.serving = False
     await health_servicer.enter_graceful_shutdown()
     # Both check ports refuse new requests, then wait for the running ones.
-    await asyncio.gather(server.stop(opts.grace_s), check_http.stop())
-    await manage.stop()
-    await checks.unanswered.drain()  # releases of answers Envoy never got
-    await extproc.drain()
+    await _phase("check ports", asyncio.gather(server.stop(opts.grace_s), check_http.stop()))
+    await _phase("management API", manage.stop())
+    await _phase("unanswered releases", checks.unanswered.drain())  # answers Envoy never got
+    await _phase("settlements", extproc.drain())
     for t in tasks:
         t.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await t
-    await sweep()
-    await obs.close()  # a last alert tick, then audit, webhooks and OTel are flushed
-    await ledger.close()
+    await _phase("sweep", sweep())
+    await _phase("telemetry", obs.close())  # a last alert tick; audit, webhooks, OTel flushed
+    await _phase("ledger", ledger.close())
     await enforcer.aclose()
     await admin.stop()
     log.info("stopped")

@@ -52,10 +52,19 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# How long a stop waits for requests in flight before it closes their connections: the
+# management API never holds a request open (no streams, no long polls), so this only
+# bounds a slow or stuck client, which must not hold the service's shutdown.
+STOP_GRACE_S = 5
+
+
 class ManageServer:
-    def __init__(self, app: FastAPI, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self, app: FastAPI, tls: TlsFiles | None = None, grace_s: int = STOP_GRACE_S
+    ) -> None:
         self._app = app
         self._tls = tls
+        self._grace_s = grace_s
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
@@ -69,6 +78,7 @@ class ManageServer:
             ssl_certfile=self._tls.cert if self._tls else None,
             ssl_keyfile=self._tls.key if self._tls else None,
             timeout_keep_alive=75, limit_concurrency=256, h11_max_incomplete_event_size=16384,
+            timeout_graceful_shutdown=self._grace_s,
         )  # fmt: skip
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
@@ -81,6 +91,13 @@ class ManageServer:
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
+            # uvicorn bounds the wait for running requests (timeout_graceful_shutdown);
+            # this bounds the rest (a connection that never closes), then forces it.
+            done, _ = await asyncio.wait({self._task}, timeout=self._grace_s + 2.0)
+            if not done:
+                log.warning("the management API did not stop in time; closing it")
+                self._server.force_exit = True
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._sock is not None:

@@ -473,6 +473,9 @@ class FakeLLM:
         self.in_flight = 0  # requests arrived whose answer is not over yet
         self._holds: dict[str, asyncio.Event] = {}  # x-fake-hold name -> its release
         self._counter = 0
+        # reset() starts a new generation: a request that arrived before it (a stream the
+        # last test left open) is never recorded after it, in the next test's records.
+        self._generation = 0
         self._runner: web.AppRunner | None = None
         self._port = 0
 
@@ -504,6 +507,7 @@ class FakeLLM:
         return f"http://{self.host}:{self._port}"
 
     def reset(self) -> None:
+        self._generation += 1
         self.records.clear()
         for held in self._holds.values():
             held.set()  # nothing stays held into the next test
@@ -539,14 +543,20 @@ class FakeLLM:
         finally:
             self.in_flight -= 1
 
+    def _record(self, generation: int, record: Record) -> None:
+        if generation == self._generation:
+            self.records.append(record)
+
     async def _models(self, request: web.Request) -> web.Response:
-        self.records.append(
-            Record(request.path, None, False, 0, 0, 0, 200, True, _headers(request), None)
+        self._record(
+            self._generation,
+            Record(request.path, None, False, 0, 0, 0, 200, True, _headers(request), None),
         )
         model = {"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}
         return web.json_response({"object": "list", "data": [model]})
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        generation = self._generation
         headers = _headers(request)
         route = _ROUTES.get(request.path)
         error_body = _anthropic_error if request.path == "/v1/messages" else _openai_error
@@ -555,8 +565,8 @@ class FakeLLM:
         except ConnectionResetError:
             # The sender gave up mid-body (e.g. Envoy answering 413 after it began
             # forwarding): record it like nginx's 499, without a server error log.
-            self.records.append(
-                Record(request.path, None, False, 0, 0, 0, 499, False, headers, None)
+            self._record(
+                generation, Record(request.path, None, False, 0, 0, 0, 499, False, headers, None)
             )
             return web.Response(status=499)
         try:
@@ -632,7 +642,7 @@ class FakeLLM:
                 data, extra = gzip.compress(data), {"Content-Encoding": "gzip"}
             return web.Response(body=data, content_type="application/json", headers=extra)
         finally:
-            self.records.append(record)
+            self._record(generation, record)
 
     def _turn(
         self, request: web.Request, body: dict[str, Any], route: tuple[str, str, tuple[str, ...]]
